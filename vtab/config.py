@@ -1,0 +1,146 @@
+"""Nested configuration values addressed by dotted paths, with typed access.
+
+Every accessor raises `ConfigError` naming the dotted key, so a job that
+carries a bad value crashes with a message a user can act on.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+from collections.abc import Iterator, Mapping
+from typing import Any, TypeVar
+
+import yaml
+
+from vtab.errors import ConfigError
+
+T = TypeVar("T")
+_MISSING = object()
+
+
+def get_path(tree: Mapping[str, Any], key: str, default: Any = _MISSING) -> Any:
+    """Return ``tree[a][b][c]`` for ``key == "a.b.c"``."""
+    node: Any = tree
+    for part in key.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            if default is _MISSING:
+                raise ConfigError(key, "is required but missing")
+            return default
+        node = node[part]
+    return node
+
+
+def set_path(tree: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``tree[a][b][c] = value`` for ``key == "a.b.c"``, creating mappings on the way."""
+    parts = key.split(".")
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            where = ".".join(parts[: i + 1])
+            raise ConfigError(where, f"is a {type(child).__name__}, not a mapping")
+        node = child
+    node[parts[-1]] = value
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """Yield (dotted key, leaf value) pairs; mappings are descended, lists are leaves."""
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            yield from flatten(value, path + ".")
+        else:
+            yield path, value
+
+
+def merged(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Deep copy of `base` with every (possibly dotted) entry of `overrides` applied."""
+    out = copy.deepcopy(dict(base))
+    for key, value in flatten(overrides):
+        set_path(out, key, copy.deepcopy(value))
+    return out
+
+
+def _type_name(types: type | tuple[type, ...]) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+             list: "a list", dict: "a mapping"}
+    seq = types if isinstance(types, tuple) else (types,)
+    return " or ".join(names.get(t, t.__name__) for t in seq)
+
+
+def typed(tree: Mapping[str, Any], key: str, kind: type[T], default: Any = _MISSING) -> T:
+    """Return the value at `key` checked against `kind` (ints are accepted as floats)."""
+    value = get_path(tree, key, default)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)  # type: ignore[return-value]
+    if (kind is int and isinstance(value, bool)) or not isinstance(value, kind):
+        raise ConfigError(key, f"expected {_type_name(kind)}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def number(tree: Mapping[str, Any], key: str, default: Any = _MISSING, *,
+           minimum: float | None = None, positive: bool = False) -> float:
+    value = typed(tree, key, float, default)
+    if positive and not value > 0:
+        raise ConfigError(key, f"must be positive, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ConfigError(key, f"must be at least {minimum}, got {value!r}")
+    return value
+
+
+def integer(tree: Mapping[str, Any], key: str, default: Any = _MISSING, *,
+            minimum: int | None = None) -> int:
+    value = typed(tree, key, int, default)
+    if minimum is not None and value < minimum:
+        raise ConfigError(key, f"must be at least {minimum}, got {value!r}")
+    return value
+
+
+def choice(tree: Mapping[str, Any], key: str, options: tuple[str, ...],
+           default: Any = _MISSING) -> str:
+    value = typed(tree, key, str, default)
+    if value not in options:
+        raise ConfigError(key, f"must be one of {', '.join(options)}; got {value!r}")
+    return value
+
+
+# ${NAME} or ${NAME:-default}; the default may be empty.
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def resolve_env(tree: Any, key: str = "", used: dict[str, str] | None = None) -> Any:
+    """Replace ``${NAME:-default}`` references in every string of `tree`.
+
+    A string that is exactly one reference is parsed as a YAML scalar after
+    substitution, so ``epochs: ${EPOCHS:-30}`` yields the integer 30. `used`
+    collects the variables read and the values they resolved to.
+    """
+    if isinstance(tree, Mapping):
+        return {k: resolve_env(v, f"{key}.{k}" if key else str(k), used) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [resolve_env(v, f"{key}[{i}]", used) for i, v in enumerate(tree)]
+    if not isinstance(tree, str) or "${" not in tree:
+        return tree
+
+    def substitute(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        value = os.environ.get(name)
+        if value is None:
+            if default is None:
+                raise ConfigError(key, f"environment variable {name} is not set and has no default "
+                                       f"(write ${{{name}:-default}})")
+            value = default
+        if used is not None:
+            used[name] = value
+        return value
+
+    whole = _ENV_REF.fullmatch(tree)
+    text = _ENV_REF.sub(substitute, tree)
+    if whole:
+        try:
+            return yaml.safe_load(text) if text.strip() else text
+        except yaml.YAMLError:
+            return text
+    return text

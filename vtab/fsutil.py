@@ -38,3 +38,13 @@ def atomic_write(path: Path, data: bytes | str, *, durable: bool = True) -> None
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+
+
+def append_line(path: Path | str, line: str) -> None:
+    """Append one line durably; O_APPEND keeps lines of concurrent writers whole."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (line.rstrip("\n") + "\n").encode("utf-8"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,36 @@
+"""Job kinds: what a ``hyperparams`` stage runs, registered by name."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from vtab.config import number, typed
+from vtab.fsutil import append_line
+from vtab.pipeline import KINDS, StageContext
+
+
+@KINDS.register("linear_probe")
+def linear_probe(config: dict[str, Any], ctx: StageContext) -> dict[str, Any]:
+    """Frozen backbone features (cached) and a linear head trained on them."""
+    from vtab.evaluation.probe import run_linear_probe  # torch is imported only when needed
+
+    return run_linear_probe(config, cache_dir=ctx.features_cache(), device=ctx.device,
+                            num_workers=ctx.num_workers, progress=ctx.progress,
+                            outputs_dir=ctx.outputs_dir())
+
+
+@KINDS.register("sleep")
+def sleep(config: dict[str, Any], ctx: StageContext) -> dict[str, Any]:
+    """A job that only waits: for testing the work area and measuring queue overhead.
+
+    ``sleep.seconds`` is the wait; ``sleep.log``, when set, is a file to which
+    the job appends one line when its body completes (an execution log that
+    shows whether a job ran twice); ``sleep.result`` is the result it reports.
+    """
+    time.sleep(number(config, "sleep.seconds", 0.0, minimum=0.0))
+    log = typed(config, "sleep.log", str, "")
+    if log:
+        append_line(log, f"{ctx.job['id']} {os.getpid()}")
+    return {"result": number(config, "sleep.result", 0.0), "metrics": {}}

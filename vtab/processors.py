@@ -1,0 +1,141 @@
+"""Processors: the non-training stages that read the results of a job's children.
+
+- ``select_best``: group the children of a fork by their setting (every swept
+  axis but the seed), rank settings by the mean over seeds, and write the best
+  setting into the job's config;
+- ``aggregate``: mean and std over seeds of the children's results;
+- ``summarize``: collect the per-dataset results of a whole pipeline into
+  ``summarized/<pipeline>/summary.yaml`` and move all its jobs there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import statistics
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from vtab import yamlio
+from vtab.config import get_path, set_path, typed
+from vtab.errors import ConfigError, VtabError
+from vtab.pipeline import PROCESSORS, Finish, StageContext
+from vtab.workarea import SUMMARIZED, WorkArea
+
+SUMMARY_KEYS = ("result", "std", "seeds", "metrics", "selected", "tuning")
+
+
+def _fork_children(doc: Mapping[str, Any], options: Mapping[str, Any]) -> list[str]:
+    forks = doc.get("forks") or {}
+    stage = options.get("grid_stage") or (next(reversed(forks)) if forks else None)
+    if stage not in forks:
+        raise ConfigError("processor.grid_stage", f"no children were forked by stage {stage!r} "
+                                                  f"(forks so far: {', '.join(forks) or 'none'})")
+    return forks[stage]
+
+
+def _load_done(area: WorkArea, pipeline: str, job_id: str) -> dict[str, Any]:
+    path = area.done_path(job_id, pipeline)
+    if path is None:
+        raise VtabError(f"child job {job_id} is not finished (not in finished/ or summarized/)")
+    return yamlio.load_mapping(path)
+
+
+def _children(doc: Mapping[str, Any], options: Mapping[str, Any],
+              ctx: StageContext) -> list[dict[str, Any]]:
+    return [_load_done(ctx.area, doc["pipeline"], c) for c in _fork_children(doc, options)]
+
+
+def _value(child: Mapping[str, Any], key: str) -> float:
+    try:
+        return typed(child, key, float)
+    except ConfigError as exc:
+        raise VtabError(f"child job {child.get('id')}: {exc}") from None
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else 0.0
+
+
+@PROCESSORS.register("select_best")
+def select_best(doc: dict[str, Any], options: dict[str, Any], ctx: StageContext) -> None:
+    """Pick the setting with the best mean over seeds; ties go to the first in grid order."""
+    seed_key = options.get("seed_key", "seed")
+    metric = options.get("metric", "result")
+    higher = options.get("mode", "max") == "max"
+    groups: dict[tuple[tuple[str, str], ...], tuple[dict[str, Any], list[float]]] = {}
+    for child in _children(doc, options, ctx):
+        setting = {k: v for k, v in child.get("point", {}).items() if k != seed_key}
+        key = tuple((k, repr(v)) for k, v in setting.items())
+        groups.setdefault(key, (setting, []))[1].append(_value(child, metric))
+    tuning = []
+    for setting, values in groups.values():
+        mean, std = _mean_std(values)
+        tuning.append({"setting": setting, "mean": mean, "std": std, "n": len(values)})
+    best = (max if higher else min)(tuning, key=lambda row: row["mean"])
+    doc["selected"] = best["setting"]
+    doc["tuning"] = tuning
+    for key, value in best["setting"].items():
+        set_path(doc["config"], key, value)
+
+
+@PROCESSORS.register("aggregate")
+def aggregate(doc: dict[str, Any], options: dict[str, Any], ctx: StageContext) -> None:
+    """Mean and std over the seeds of the final runs."""
+    seed_key = options.get("seed_key", "seed")
+    children = _children(doc, options, ctx)
+    results = [_value(c, "result") for c in children]
+    doc["result"], doc["std"] = _mean_std(results)
+    doc["seeds"] = {get_path(c, f"config.{seed_key}", c["id"]): r
+                    for c, r in zip(children, results, strict=True)}
+    names = sorted({m for c in children for m in (c.get("metrics") or {})})
+    doc["metrics"] = {}
+    for name in names:
+        mean, std = _mean_std([_value(c, f"metrics.{name}") for c in children])
+        doc["metrics"][name] = {"mean": mean, "std": std}
+
+
+@PROCESSORS.register("summarize")
+def summarize(doc: dict[str, Any], options: dict[str, Any], ctx: StageContext) -> Finish:
+    """Write the pipeline's summary and move every job of the pipeline beside it."""
+    pipeline = doc["pipeline"]
+    datasets = {}
+    for child in _children(doc, options, ctx):
+        name = get_path(child, "config.dataset", child["id"])
+        datasets[name] = {k: child[k] for k in SUMMARY_KEYS if k in child}
+    config = doc.get("config", {})
+    summary = {
+        "pipeline": pipeline,
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "metric": config.get("metric", "top1"),
+        "backbone": config.get("backbone", {}),
+        "datasets": datasets,
+    }
+    folder = ctx.area.folder(SUMMARIZED) / pipeline
+    _move_tree(ctx.area, doc, folder)
+    yamlio.write_mapping(folder / "summary.yaml", summary)
+    return Finish(ctx.area.summarized_jobs(pipeline))
+
+
+def _move_tree(area: WorkArea, root: Mapping[str, Any], folder: Path) -> None:
+    """Move all descendants of `root` (and their outputs) from finished/ into `folder`."""
+    jobs = area.summarized_jobs(root["pipeline"])
+    jobs.mkdir(parents=True, exist_ok=True)
+    pending = [c for ids in (root.get("forks") or {}).values() for c in ids]
+    while pending:
+        job_id = pending.pop()
+        path = area.done_path(job_id, root["pipeline"])
+        if path is None:
+            raise VtabError(f"job {job_id} of pipeline {root['pipeline']} is not finished")
+        child = yamlio.load_mapping(path)
+        pending.extend(c for ids in (child.get("forks") or {}).values() for c in ids)
+        if path.parent != jobs:
+            os.replace(path, jobs / path.name)
+    outputs = area.root / "outputs" / root["pipeline"]
+    if outputs.is_dir():
+        (folder / "outputs").mkdir(parents=True, exist_ok=True)
+        for entry in outputs.iterdir():
+            with contextlib.suppress(OSError):  # already moved by an earlier attempt
+                os.replace(entry, folder / "outputs" / entry.name)

@@ -1,0 +1,576 @@
+"""Runners: processes that claim jobs from a work area and drive them through their stages.
+
+One runner per device. A runner never dies of a bad job: input errors crash
+the job (the error goes into its yaml), unexpected errors are retried up to a
+limit. SIGTERM, SIGINT and SIGUSR1 (SLURM's usual warning signal) return the
+job in hand to the queue at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from vtab import kinds, processors, provenance, yamlio  # noqa: F401  (registers kinds and processors)
+from vtab.errors import ConfigError, VtabError
+from vtab.pipeline import (
+    DEFAULT_MAX_GRID_POINTS,
+    Advance,
+    Finish,
+    StageContext,
+    Wait,
+    execute_stage,
+    join,
+    missing_children,
+    prepare_root,
+    validate,
+)
+from vtab.workarea import (
+    CRASHED,
+    FINISHED,
+    RUNNING,
+    SUFFIX,
+    WAITING,
+    Claim,
+    LeaseLost,
+    LeaseWatcher,
+    WorkArea,
+    is_valid_id,
+)
+
+log = logging.getLogger("vtab.runner")
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+class StopRequested(BaseException):
+    """Raised in the main thread by a stop signal while a job body runs.
+
+    A BaseException, so that a job's own ``except Exception`` does not swallow it.
+    """
+
+
+@dataclass
+class RunnerSettings:
+    lease_timeout: float = 60.0
+    poll_interval: float = 0.5
+    sweep_interval: float = 1.0
+    max_attempts: int = 3
+    idle_limit: float | None = None
+    num_workers: int = 0
+    cache_dir: Path | None = None
+    max_grid_points: int = DEFAULT_MAX_GRID_POINTS
+    progress: bool = True
+    host: str = field(default_factory=socket.gethostname)
+
+    @property
+    def heartbeat_interval(self) -> float:
+        return self.lease_timeout / 6
+
+
+class Heartbeat(threading.Thread):
+    """Touches every claim this runner holds, so other runners see it alive."""
+
+    def __init__(self, area: WorkArea, interval: float) -> None:
+        super().__init__(name="heartbeat", daemon=True)
+        self.area = area
+        self.interval = interval
+        self._claims: set[Claim] = set()
+        self._lock = threading.Lock()
+        self._stop_event = threading.Event()
+
+    def hold(self, claim: Claim) -> None:
+        with self._lock:
+            self._claims.add(claim)
+
+    def drop(self, claim: Claim) -> None:
+        with self._lock:
+            self._claims.discard(claim)
+
+    def tokens(self) -> set[str]:
+        with self._lock:
+            return {c.token for c in self._claims}
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self.interval):
+            with self._lock:
+                claims = list(self._claims)
+            for claim in claims:
+                try:
+                    self.area.heartbeat(claim)
+                except LeaseLost:
+                    log.warning("lost the lease of %s: another runner took it over", claim.job_id)
+                    self.drop(claim)
+                except OSError as exc:  # a storage hiccup: the next beat may succeed
+                    log.warning("heartbeat of %s failed: %s", claim.job_id, exc)
+
+    def stop(self) -> None:
+        self._stop_event.set()
+
+
+class Runner:
+    """Drains a work area: claim, run stages, move; reap stale claims; release joins."""
+
+    def __init__(self, area: WorkArea, settings: RunnerSettings, device: str = "cpu",
+                 name: str | None = None) -> None:
+        self.area = area
+        self.settings = settings
+        self.device = device
+        self.id = name or f"{settings.host}:{os.getpid()}:{device}"
+        self.ctx = StageContext(area=area, device=device, cache_dir=settings.cache_dir,
+                                num_workers=settings.num_workers, progress=settings.progress,
+                                max_grid_points=settings.max_grid_points, runner=self.id)
+        self.watcher = LeaseWatcher(settings.lease_timeout)
+        self.heartbeat = Heartbeat(area, settings.heartbeat_interval)
+        self.stop_signal: int | None = None
+        self.abandoned = False
+        self._interruptible = False
+        self._last_sweep = 0.0
+        self.jobs_done = 0
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Work until the area is drained, the idle limit passes or a stop signal comes."""
+        previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
+        self.heartbeat.start()
+        log.info("runner %s started on %s", self.id, self.area.root)
+        try:
+            return self._loop()
+        finally:
+            self.heartbeat.stop()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _loop(self) -> int:
+        idle_since = time.monotonic()
+        quiet_checks = 0
+        while self.stop_signal is None:
+            if self.step():
+                idle_since, quiet_checks = time.monotonic(), 0
+                continue
+            quiet_checks = quiet_checks + 1 if self._drained() else 0
+            if quiet_checks >= 2:  # twice in a row, so a job in flight between folders is seen
+                self._report_blocked()
+                log.info("work area drained after %d jobs: nothing queued, running or "
+                         "releasable; exiting", self.jobs_done)
+                return 0
+            limit = self.settings.idle_limit
+            if limit is not None and time.monotonic() - idle_since > limit:
+                log.info("idle for %.0f s (limit %.0f s); exiting", limit, limit)
+                return 0
+            time.sleep(self.settings.poll_interval)
+        log.info("stopped by signal %d after %d jobs", self.stop_signal, self.jobs_done)
+        return 128 + self.stop_signal if self.abandoned else 0
+
+    def step(self) -> bool:
+        """One unit of work: a sweep when due, then one claim. True if anything happened."""
+        moved = False
+        if time.monotonic() - self._last_sweep >= self.settings.sweep_interval:
+            moved = self.sweep()
+        claim = self.area.claim_next() if self.stop_signal is None else None
+        if claim is None:
+            return moved
+        self.process(claim)
+        return True
+
+    def sweep(self) -> bool:
+        """Return stale claims to the queue and release waiting jobs whose children are done."""
+        self._last_sweep = time.monotonic()
+        moved = False
+        for stale in self.watcher.stale(self.area.folder(RUNNING), self.heartbeat.tokens()):
+            moved |= self.recover(stale)
+        for path in self.area.listing(WAITING):
+            moved |= self.try_release(path.name[: -len(SUFFIX)])
+        return moved
+
+    def _drained(self) -> bool:
+        return not self.area.queued() and not self.area.listing(RUNNING) and not self.sweep()
+
+    def _report_blocked(self) -> None:
+        for path in self.area.listing(WAITING):
+            try:
+                doc = yamlio.load_mapping(path)
+            except (OSError, VtabError):
+                continue
+            missing = missing_children(doc, self.area)
+            where = {c: self.area.locate(c, doc.get("pipeline")) for c in missing}
+            crashed = [c for c, p in where.items() if p is not None and p.parent.name == CRASHED]
+            lost = [c for c, p in where.items() if p is None]
+            log.warning("%s waits for %d jobs that will not finish by themselves "
+                        "(crashed: %s; missing: %s); move crashed jobs back into %s to retry",
+                        path.name, len(missing), ", ".join(crashed) or "none",
+                        ", ".join(lost) or "none", self.area.root)
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        self.stop_signal = signum
+        if self._interruptible:
+            self._interruptible = False
+            raise StopRequested
+
+    # -- one job -------------------------------------------------------------------------------
+
+    def process(self, claim: Claim) -> None:
+        """Drive a claimed job as far as it goes; never let it kill the runner."""
+        self.heartbeat.hold(claim)
+        doc: dict[str, Any] | None = None
+        try:
+            try:
+                doc = self._open(claim)
+                if doc is not None:
+                    self._run_stages(claim, doc)
+            except StopRequested:
+                self._give_back(claim, doc)
+            except LeaseLost:
+                log.warning("%s was taken over by another runner; dropping this copy",
+                            claim.job_id)
+            except VtabError as exc:
+                self._crash(claim, doc, exc)
+            except Exception as exc:
+                self._retry_or_crash(claim, doc, exc)
+        except StopRequested:
+            raise
+        except Exception as exc:  # the job's error could not be recorded in its yaml
+            log.exception("%s: recording the error failed", claim.job_id)
+            self._crash_unreadable(claim, exc)
+        finally:
+            self.heartbeat.drop(claim)
+
+    def _open(self, claim: Claim) -> dict[str, Any] | None:
+        """Read and check a claimed job, count the attempt; None if it was crashed."""
+        try:
+            doc = self.area.read(claim)
+        except yamlio.YamlFileError as exc:
+            self._crash_unreadable(claim, exc)
+            return None
+        if "id" in doc:
+            if not isinstance(doc["id"], str) or not is_valid_id(doc["id"]):
+                raise ConfigError("id", f"{doc['id']!r} is not a valid job id (it must be a plain "
+                                        "file name: no '/', '..' or '@')")
+            validate(doc)
+        else:
+            doc = prepare_root(doc, claim.job_id)
+        if "error" in doc:  # moved back from crashed/ by hand: a fresh series of attempts
+            doc.setdefault("previous_errors", []).append(doc.pop("error"))
+            doc["attempts"] = 0
+        doc["attempts"] = int(doc.get("attempts") or 0) + 1
+        doc["lease"] = {"runner": self.id, "host": self.settings.host, "pid": os.getpid(),
+                        "device": self.device, "claimed_at": provenance.now_iso()}
+        if doc["attempts"] > self.settings.max_attempts:
+            raise VtabError(f"gave up after {self.settings.max_attempts} attempts at stage "
+                            f"{doc['current_stage']!r}; the errors are under 'errors'")
+        self.area.write(claim, doc)
+        return doc
+
+    def _run_stages(self, claim: Claim, doc: dict[str, Any]) -> None:
+        ctx = replace(self.ctx, job=doc)
+        while True:
+            stage = doc["current_stage"]
+            started, started_at = time.monotonic(), provenance.now_iso()
+            log.info("%s: stage %s", doc["id"], stage)
+            self._interruptible = True
+            try:
+                outcome = execute_stage(doc, ctx)
+            finally:
+                self._interruptible = False
+            if self.stop_signal is not None and not isinstance(outcome, Finish):
+                raise StopRequested  # the signal came between two stages: stop here
+            doc.setdefault("history", []).append({
+                "stage": stage, "runner": self.id, "started_at": started_at,
+                "seconds": round(time.monotonic() - started, 3)})
+            if isinstance(outcome, Advance):
+                doc["current_stage"], doc["attempts"] = outcome.stage, 0
+                self.area.write(claim, doc)
+                continue
+            self._settle(claim, doc, outcome)
+            return
+
+    def _settle(self, claim: Claim, doc: dict[str, Any], outcome: Wait | Finish) -> None:
+        """Write the job and move it out of running/: to waiting/, finished/ or elsewhere."""
+        doc["attempts"] = 0
+        doc.pop("lease", None)
+        if isinstance(outcome, Wait):
+            self.area.write(claim, doc)
+            self.area.move(claim, WAITING, doc["id"])
+            log.info("%s: waits for %d jobs", doc["id"], len(doc["waiting_for"]["children"]))
+            self.try_release(doc["id"])
+            return
+        doc["finished_at"] = provenance.now_iso()
+        self.area.write(claim, doc)
+        self.area.move(claim, outcome.folder or FINISHED, doc["id"])
+        self.jobs_done += 1
+        result = f" result={doc['result']:.4f}" if isinstance(doc.get("result"), float) else ""
+        log.info("%s: finished%s", doc["id"], result)
+        if doc.get("parent"):
+            self.try_release(doc["parent"])
+
+    def try_release(self, job_id: str) -> bool:
+        """If `job_id` waits and all its children are finished, move it on (exactly once).
+
+        Releasing is a claim from waiting/: only one runner can win it, and the
+        children are checked again under the claim.
+        """
+        path = self.area.folder(WAITING) / (job_id + SUFFIX)
+        try:
+            if missing_children(yamlio.load_mapping(path), self.area):
+                return False
+        except (OSError, VtabError):
+            return False  # gone (someone else released it) or being rewritten
+        claim = self.area.claim(path)
+        if claim is None:
+            return False
+        self.heartbeat.hold(claim)
+        try:
+            doc = self.area.read(claim)
+            if missing_children(doc, self.area):
+                self.area.move(claim, WAITING, doc["id"])
+                return False
+            outcome = join(doc)
+            log.info("%s: all children finished", doc["id"])
+            if isinstance(outcome, Advance):
+                doc["current_stage"], doc["attempts"] = outcome.stage, 0
+                self.area.write(claim, doc)
+                self.area.requeue(claim, doc["id"])
+            else:
+                self._settle(claim, doc, outcome)
+            return True
+        except LeaseLost:
+            return False
+        except Exception as exc:
+            self._crash(claim, None, exc)
+            return True
+        finally:
+            self.heartbeat.drop(claim)
+
+    def recover(self, stale: Path) -> bool:
+        """Take over a claim whose runner stopped heartbeating and queue it again."""
+        claim = self.area.claim(stale)
+        if claim is None:
+            return False
+        self.heartbeat.hold(claim)
+        try:
+            doc = self.area.read(claim)
+            lease = doc.pop("lease", {}) or {}
+            doc.setdefault("errors", []).append({
+                "type": "LeaseExpired", "at": provenance.now_iso(), "detected_by": self.id,
+                "message": f"runner {lease.get('runner', 'unknown')} stopped heartbeating for "
+                           f"{self.settings.lease_timeout:.0f} s",
+                "stage": doc.get("current_stage"), "attempt": doc.get("attempts")})
+            self.area.write(claim, doc)
+            self.area.requeue(claim, doc.get("id", claim.job_id))
+            log.warning("%s: its runner %s stopped heartbeating; queued again",
+                        claim.job_id, lease.get("runner", "unknown"))
+        except LeaseLost:
+            return False
+        except (OSError, VtabError):
+            self.area.requeue(claim)  # unreadable content: give it back as it is
+        finally:
+            self.heartbeat.drop(claim)
+        return True
+
+    # -- endings -------------------------------------------------------------------------------
+
+    def _give_back(self, claim: Claim, doc: dict[str, Any] | None) -> None:
+        """Graceful stop: the attempt does not count, the job goes back to the queue."""
+        self.abandoned = True
+        try:
+            if doc is not None:
+                doc["attempts"] = max(0, int(doc.get("attempts") or 1) - 1)
+                doc.pop("lease", None)
+                self.area.write(claim, doc)
+            self.area.requeue(claim, (doc or {}).get("id"))
+            log.info("%s: returned to the queue (stop requested)", claim.job_id)
+        except LeaseLost:
+            pass
+
+    def _error_record(self, exc: BaseException, claim: Claim,
+                      doc: dict[str, Any] | None) -> dict[str, Any]:
+        record = {"type": type(exc).__name__, "message": str(exc),
+                  "file": claim.job_id + SUFFIX, "stage": (doc or {}).get("current_stage"),
+                  "attempt": (doc or {}).get("attempts"), "host": self.settings.host,
+                  "runner": self.id, "at": provenance.now_iso(),
+                  "traceback": "".join(traceback.format_exception(exc)).rstrip()}
+        if isinstance(exc, ConfigError):
+            record["key"] = exc.key
+            record["message"] = str(exc.in_file(record["file"]))
+        return record
+
+    def _retry_or_crash(self, claim: Claim, doc: dict[str, Any] | None, exc: Exception) -> None:
+        attempts = int((doc or {}).get("attempts") or 0)
+        if doc is None or attempts >= self.settings.max_attempts:
+            self._crash(claim, doc, exc)
+            return
+        log.warning("%s: attempt %d failed (%s: %s); queued again", claim.job_id, attempts,
+                    type(exc).__name__, exc)
+        doc.setdefault("errors", []).append(self._error_record(exc, claim, doc))
+        doc.pop("lease", None)
+        try:
+            self.area.write(claim, doc)
+            self.area.requeue(claim, doc["id"])
+        except LeaseLost:
+            pass
+
+    def _crash(self, claim: Claim, doc: dict[str, Any] | None, exc: BaseException) -> None:
+        if doc is None:
+            try:
+                doc = self.area.read(claim)
+            except (OSError, VtabError):
+                doc = None
+        if doc is None:
+            self._crash_unreadable(claim, exc)
+            return
+        doc["error"] = self._error_record(exc, claim, doc)
+        doc.pop("lease", None)
+        log.error("%s crashed: %s", claim.job_id, doc["error"]["message"])
+        job_id = doc["id"] if is_valid_id(str(doc.get("id"))) else claim.job_id
+        try:
+            self.area.write(claim, doc)
+            self.area.move(claim, CRASHED, job_id)
+        except LeaseLost:
+            pass
+
+    def _crash_unreadable(self, claim: Claim, exc: BaseException) -> None:
+        """Keep the file byte for byte; its error goes beside it in ``<id>.error.txt``."""
+        try:
+            target = self.area.move(claim, CRASHED)
+            report = {"error": {**self._error_record(exc, claim, None),
+                                "note": "the job's yaml could not be read or written; fix it "
+                                        "and move it back into the work area"}}
+            yamlio.write_mapping(target.with_name(target.stem + ".error.txt"), report)
+        except (LeaseLost, OSError):
+            log.exception("%s: could not move it to crashed/", claim.job_id)
+            return
+        log.error("%s crashed: %s", claim.job_id, exc)
+
+
+# -- command line --------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="main_runner.py",
+        description="Start runners that drain a work area: one process per --devices entry.")
+    parser.add_argument("--work_area", type=Path, default=Path("./work"),
+                        help="the shared work area folder (default: ./work)")
+    parser.add_argument("--devices", default="0" if _has_cuda_hint() else "cpu",
+                        help="comma-separated devices, one runner each: GPU indices (0,1,3) or "
+                             "'cpu', which may repeat (cpu,cpu); default: 0 with CUDA, else cpu")
+    parser.add_argument("--num_workers", type=int, default=0,
+                        help="data loading worker processes per runner (default: 0)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads per runner (default: cores / number of CPU runners)")
+    parser.add_argument("--idle_limit", type=float, default=None,
+                        help="exit after this many seconds without work (default: run until the "
+                             "work area is drained)")
+    parser.add_argument("--lease_timeout", type=float, default=RunnerSettings.lease_timeout,
+                        help="seconds without a heartbeat after which a claimed job is taken "
+                             "back (default: %(default)s)")
+    parser.add_argument("--max_attempts", type=int, default=RunnerSettings.max_attempts,
+                        help="attempts per stage before a job is crashed (default: %(default)s)")
+    parser.add_argument("--poll_interval", type=float, default=RunnerSettings.poll_interval,
+                        help="seconds between looks at an empty queue (default: %(default)s)")
+    parser.add_argument("--max_grid_points", type=int, default=DEFAULT_MAX_GRID_POINTS,
+                        help="refuse grids larger than this (default: %(default)s)")
+    parser.add_argument("--cache_dir", type=Path, default=None,
+                        help="feature cache folder (default: <work_area>/cache/features)")
+    parser.add_argument("--host_id", default=socket.gethostname(),
+                        help="host name recorded in leases and results (default: the hostname)")
+    parser.add_argument("--no_progress", action="store_true", help="no progress bars")
+    parser.add_argument("--runner_index", type=int, default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+def _has_cuda_hint() -> bool:
+    return bool(os.environ.get("CUDA_VISIBLE_DEVICES")) or Path("/dev/nvidia0").exists()
+
+
+def settings_from(args: argparse.Namespace) -> RunnerSettings:
+    return RunnerSettings(lease_timeout=args.lease_timeout, max_attempts=args.max_attempts,
+                          idle_limit=args.idle_limit, num_workers=args.num_workers,
+                          cache_dir=args.cache_dir, max_grid_points=args.max_grid_points,
+                          progress=not args.no_progress, host=args.host_id,
+                          poll_interval=args.poll_interval)
+
+
+def run_one(args: argparse.Namespace, device: str) -> int:
+    """Run one runner in this process, pinned to `device` ('cpu' or a GPU index)."""
+    index = f"#{args.runner_index}" if args.runner_index is not None else ""
+    torch_device = "cpu" if device == "cpu" else "cuda"
+    if device != "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = device  # before torch is imported by a job
+    name = f"{args.host_id}:{os.getpid()}:{device}{index}"
+    logging.basicConfig(level=logging.INFO, force=True,
+                        format=f"%(asctime)s [{name}] %(levelname)s %(message)s")
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+        import torch
+
+        torch.set_num_threads(args.threads)
+    area = WorkArea(args.work_area)
+    return Runner(area, settings_from(args), torch_device, name).run()
+
+
+def supervise(args: argparse.Namespace, argv: list[str], devices: list[str]) -> int:
+    """One child process per device; stop signals are passed on; exit with the worst code."""
+    cpu_runners = sum(d == "cpu" for d in devices)
+    threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, cpu_runners))
+    children = []
+    for index, device in enumerate(devices):
+        env = dict(os.environ)
+        if device == "cpu":
+            env["CUDA_VISIBLE_DEVICES"] = ""
+        command = [sys.executable, "-m", "vtab.runner", *argv, "--devices", device,
+                   "--runner_index", str(index), "--threads", str(threads)]
+        children.append(subprocess.Popen(command, env=env))
+
+    def forward(signum: int, _frame: FrameType | None) -> None:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, forward)
+    codes = [child.wait() for child in children]
+    worst = max(codes, key=abs)
+    print(f"main_runner: {len(children)} runners exited with codes {codes}", flush=True)
+    return worst if worst >= 0 else 128 - worst
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    devices = [d.strip() for d in args.devices.split(",") if d.strip()]
+    bad = [d for d in devices if d != "cpu" and not d.isdigit()]
+    if not devices or bad:
+        build_parser().error(f"--devices: expected GPU indices or 'cpu', got {args.devices!r}")
+    args.work_area.mkdir(parents=True, exist_ok=True)
+    if len(devices) == 1:
+        return run_one(args, devices[0])
+    return supervise(args, _without_devices(argv), devices)
+
+
+def _without_devices(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--devices":
+            skip = True
+        elif not arg.startswith("--devices="):
+            out.append(arg)
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,260 @@
+"""The work-area protocol: job files moved between folders by atomic renames.
+
+This module is the whole protocol (docs/PROTOCOL.md describes it for other
+tools); it knows files, claims and leases, nothing about pipelines.
+
+- A queued job is ``<area>/<id>.yaml``.
+- Claiming renames it to ``running/<id>@<token>.yaml``, where the token is
+  new for every claim. Only one rename of a file can succeed, so exactly one
+  runner wins; the others get ENOENT and try another job.
+- The holder renews its lease by touching its claim file (the heartbeat).
+  Other runners judge a lease by whether that file's stamp changes over their
+  own clock, never by comparing clocks across hosts.
+- A stale claim is taken over by renaming it to a new token (the reaper's own
+  claim), so recovering it is itself a claim that can fail over.
+- Every content update is a write to a temporary file and a rename onto the
+  claim path; every change of folder is one rename of the claim path. Once a
+  claim has been taken over, the old holder's renames fail with ENOENT and it
+  learns it has lost the job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import random
+import re
+import secrets
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vtab import yamlio
+
+RUNNING, WAITING, FINISHED, CRASHED, SUMMARIZED = (
+    "running", "waiting", "finished", "crashed", "summarized")
+FOLDERS = (RUNNING, WAITING, FINISHED, CRASHED, SUMMARIZED)
+SUFFIX = ".yaml"
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._=+,-]{0,199}")
+
+
+class LeaseLost(Exception):
+    """The claim file is gone: another runner took the job over."""
+
+
+def is_valid_id(job_id: str) -> bool:
+    """Ids become file names: no separators, no leading dot, no ``@``, bounded length."""
+    return bool(_ID.fullmatch(job_id)) and ".." not in job_id
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A job held by this process: its id and the claim file in ``running/``."""
+
+    job_id: str
+    path: Path
+    token: str
+
+
+@dataclass
+class LeaseWatcher:
+    """Finds claims whose heartbeat stopped, judged on this process's clock.
+
+    A claim is stale when its file stamp has not changed for `timeout`
+    seconds of observation. A newly started watcher therefore waits a full
+    timeout before it calls anything stale, which is what makes the judgement
+    independent of the clocks of other hosts.
+    """
+
+    timeout: float
+    _seen: dict[str, tuple[tuple[int, int, int], float]] = field(default_factory=dict)
+
+    def stale(self, running_dir: Path, own_tokens: set[str]) -> list[Path]:
+        now = time.monotonic()
+        current: dict[str, tuple[tuple[int, int, int], float]] = {}
+        stale: list[Path] = []
+        for path in _yaml_files(running_dir):
+            if _token_of(path) in own_tokens:
+                continue
+            stamp = _stamp(path)
+            if stamp is None:
+                continue
+            previous = self._seen.get(path.name)
+            since = previous[1] if previous and previous[0] == stamp else now
+            current[path.name] = (stamp, since)
+            if now - since >= self.timeout:
+                stale.append(path)
+        self._seen = current
+        return stale
+
+
+class WorkArea:
+    """One work area folder shared by all runners."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root).resolve()
+        for folder in FOLDERS:
+            (self.root / folder).mkdir(parents=True, exist_ok=True)
+
+    def folder(self, name: str) -> Path:
+        return self.root / name
+
+    # -- listing -----------------------------------------------------------
+
+    def queued(self) -> list[Path]:
+        return list(_yaml_files(self.root))
+
+    def listing(self, folder: str) -> list[Path]:
+        return list(_yaml_files(self.root / folder))
+
+    def locate(self, job_id: str, pipeline: str | None = None) -> Path | None:
+        """Where the job with `job_id` is now, or None if nowhere."""
+        name = job_id + SUFFIX
+        for path in (self.root / FINISHED / name, self.root / name, self.root / WAITING / name,
+                     self.root / CRASHED / name):
+            if path.exists():
+                return path
+        held = next(iter(self.root.joinpath(RUNNING).glob(f"{glob_escape(job_id)}@*{SUFFIX}")),
+                    None)
+        if held is not None:
+            return held
+        if pipeline is not None:
+            summarized = self.summarized_jobs(pipeline) / name
+            if summarized.exists():
+                return summarized
+        return None
+
+    def summarized_jobs(self, pipeline: str) -> Path:
+        return self.root / SUMMARIZED / pipeline / "jobs"
+
+    def done_path(self, job_id: str, pipeline: str) -> Path | None:
+        """The file of a finished job (in finished/ or already summarized)."""
+        for path in (self.root / FINISHED / (job_id + SUFFIX),
+                     self.summarized_jobs(pipeline) / (job_id + SUFFIX)):
+            if path.exists():
+                return path
+        return None
+
+    # -- creating ----------------------------------------------------------
+
+    def create(self, job_id: str, content: dict[str, Any]) -> bool:
+        """Queue a new job unless a job with this id exists anywhere.
+
+        Only the holder of the parent job creates its children, so the check
+        and the write do not race with each other.
+        """
+        if self.locate(job_id, content.get("pipeline")) is not None:
+            return False
+        yamlio.write_mapping(self.root / (job_id + SUFFIX), content)
+        return True
+
+    # -- claiming ----------------------------------------------------------
+
+    def claim_next(self) -> Claim | None:
+        """Claim any queued job; random order keeps many runners from colliding."""
+        candidates = self.queued()
+        random.shuffle(candidates)
+        for path in candidates:
+            claim = self.claim(path)
+            if claim is not None:
+                return claim
+        return None
+
+    def claim(self, path: Path) -> Claim | None:
+        """Rename `path` into running/ under a fresh token; None if someone was faster."""
+        token = secrets.token_hex(4)
+        job_id = _id_of(path)
+        target = self.root / RUNNING / f"{job_id}@{token}{SUFFIX}"
+        try:
+            os.rename(path, target)
+        except FileNotFoundError:
+            return None
+        claim = Claim(job_id, target, token)
+        with contextlib.suppress(LeaseLost):
+            self.heartbeat(claim)  # a claimed file's stamp must move even if it was renamed old
+        return claim
+
+    def heartbeat(self, claim: Claim) -> None:
+        try:
+            os.utime(claim.path)
+        except FileNotFoundError:
+            raise LeaseLost(claim.job_id) from None
+
+    def read(self, claim: Claim) -> dict[str, Any]:
+        return yamlio.load_mapping(claim.path)
+
+    def write(self, claim: Claim, content: dict[str, Any]) -> None:
+        """Replace the claimed job's content, if the claim is still ours."""
+        self.heartbeat(claim)
+        yamlio.write_mapping(claim.path, content)
+
+    def move(self, claim: Claim, folder: str | Path, job_id: str | None = None) -> Path:
+        """End the claim by renaming the claim file into `folder` (a name or a path)."""
+        directory = self.root / folder if isinstance(folder, str) else folder
+        directory.mkdir(parents=True, exist_ok=True)
+        target = directory / ((job_id or claim.job_id) + SUFFIX)
+        try:
+            os.rename(claim.path, target)
+        except FileNotFoundError:
+            raise LeaseLost(claim.job_id) from None
+        return target
+
+    def requeue(self, claim: Claim, job_id: str | None = None) -> Path:
+        return self.move(claim, self.root, job_id)
+
+    def take_over(self, stale: Path) -> Claim | None:
+        """Claim a stale claim file (a runner that stopped heartbeating)."""
+        return self.claim(stale)
+
+    def discard_partial_write(self, claim: Claim) -> None:
+        """Remove the claim file of a job whose content was never valid."""
+        with contextlib.suppress(FileNotFoundError):
+            claim.path.unlink()
+
+
+def glob_escape(text: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", text)
+
+
+def _yaml_files(folder: Path) -> Iterator[Path]:
+    try:
+        entries = os.scandir(folder)
+    except FileNotFoundError:
+        return
+    with entries:
+        for entry in entries:
+            if entry.name.endswith(SUFFIX) and not entry.name.startswith("."):
+                with contextlib.suppress(OSError):
+                    if entry.is_file():
+                        yield Path(entry.path)
+
+
+def _id_of(path: Path) -> str:
+    return path.name[: -len(SUFFIX)].split("@", 1)[0]
+
+
+def _token_of(path: Path) -> str:
+    stem = path.name[: -len(SUFFIX)]
+    return stem.split("@", 1)[1] if "@" in stem else ""
+
+
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    """The claim file's change stamp, read through an open file descriptor.
+
+    Opening the file makes an NFS client revalidate its attributes
+    (close-to-open consistency) instead of answering from its cache.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ESTALE):
+            return None
+        raise
+    try:
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
+    return (st.st_mtime_ns, st.st_ino, st.st_size)

@@ -1,0 +1,71 @@
+"""Safe YAML reading and writing with errors that name the file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vtab.errors import VtabError
+from vtab.fsutil import atomic_write
+
+
+class YamlFileError(VtabError):
+    """A yaml file that cannot be read as a mapping."""
+
+
+def parse_mapping(raw: bytes, name: str) -> dict[str, Any]:
+    """Parse `raw` as a YAML mapping; `name` is used in error messages.
+
+    A UTF-8 byte-order mark and Windows line ends are accepted. Only plain
+    YAML is constructed (tags such as ``!!python/object`` are refused).
+    """
+    if not raw.strip():
+        raise YamlFileError(f"{name}: the file is empty")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise YamlFileError(f"{name}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset "
+                            f"{exc.start})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.constructor.ConstructorError as exc:
+        raise YamlFileError(f"{name}: refused YAML construct ({exc.problem}{_where(exc)}); "
+                            "only plain mappings, lists and scalars are allowed") from None
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise YamlFileError(f"{name}: invalid YAML: {problem}{_where(exc)}") from None
+    if not isinstance(data, dict):
+        raise YamlFileError(f"{name}: the top level is {_kind(data)}, expected a mapping of keys")
+    return data
+
+
+def load_mapping(path: Path) -> dict[str, Any]:
+    return parse_mapping(path.read_bytes(), str(path))
+
+
+class _PlainDumper(yaml.SafeDumper):
+    """Writes shared values out in full: job files are read by people, not only by parsers."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def dump(data: dict[str, Any]) -> str:
+    return yaml.dump(data, Dumper=_PlainDumper, sort_keys=False, allow_unicode=True,
+                     default_flow_style=False, width=100)
+
+
+def write_mapping(path: Path, data: dict[str, Any]) -> None:
+    atomic_write(path, dump(data))
+
+
+def _where(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    return f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+
+
+def _kind(value: Any) -> str:
+    return {list: "a list", str: "a string", int: "a number", float: "a number",
+            bool: "a boolean"}.get(type(value), type(value).__name__)

@@ -35,6 +35,8 @@ STAGE_KEYS = {
     "hyperparams": {"hyperparams", "next_stage"},
 }
 ROOT_KEYS = {"name", "current_stage", "config", "stages", "description"}
+# Written by runners into any job, a pipeline not yet expanded included (after a crash).
+BOOKKEEPING_KEYS = {"attempts", "lease", "errors", "error", "previous_errors", "history"}
 DEFAULT_MAX_GRID_POINTS = 10_000
 DEFAULT_KIND = "linear_probe"
 
@@ -181,7 +183,7 @@ def _check_acyclic(stages: Mapping[str, Any]) -> None:
 
 def prepare_root(doc: dict[str, Any], file_stem: str) -> dict[str, Any]:
     """Turn a pipeline as a user wrote it into a root job: id, pipeline name, resolved values."""
-    unknown = set(doc) - ROOT_KEYS
+    unknown = set(doc) - ROOT_KEYS - BOOKKEEPING_KEYS
     if unknown:
         raise ConfigError(sorted(unknown)[0], f"unknown top-level key in a pipeline (known: "
                                               f"{', '.join(sorted(ROOT_KEYS))})")
@@ -193,7 +195,8 @@ def prepare_root(doc: dict[str, Any], file_stem: str) -> dict[str, Any]:
     resolved = resolve_env({"config": doc.get("config", {}), "stages": doc.get("stages")},
                            used=used)
     root = {"pipeline": name, "id": name, "parent": None, "current_stage": doc.get("current_stage"),
-            "config": resolved["config"], "stages": resolved["stages"], "env": used}
+            "config": resolved["config"], "stages": resolved["stages"], "env": used,
+            **{k: v for k, v in doc.items() if k in BOOKKEEPING_KEYS}}
     validate(root)
     return root
 

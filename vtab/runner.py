@@ -255,7 +255,7 @@ class Runner:
             self._crash_unreadable(claim, exc)
             return None
         if "id" in doc:
-            if not isinstance(doc["id"], str) or not is_valid_id(doc["id"]):
+            if not _valid_id(doc["id"]):
                 raise ConfigError("id", f"{doc['id']!r} is not a valid job id (it must be a plain "
                                         "file name: no '/', '..' or '@')")
             validate(doc)
@@ -409,7 +409,8 @@ class Runner:
     def _retry_or_crash(self, claim: Claim, doc: dict[str, Any] | None, exc: Exception) -> None:
         attempts = int((doc or {}).get("attempts") or 0)
         if doc is None or attempts >= self.settings.max_attempts:
-            self._crash(claim, doc, exc)
+            self._crash(claim, doc, exc, note=f"crashed after {attempts} attempts "
+                                               f"(max_attempts {self.settings.max_attempts})")
             return
         log.warning("%s: attempt %d failed (%s: %s); queued again", claim.job_id, attempts,
                     type(exc).__name__, exc)
@@ -421,19 +422,21 @@ class Runner:
         except LeaseLost:
             pass
 
-    def _crash(self, claim: Claim, doc: dict[str, Any] | None, exc: BaseException) -> None:
-        if doc is None:
+    def _crash(self, claim: Claim, doc: dict[str, Any] | None, exc: BaseException,
+               note: str | None = None) -> None:
+        if doc is None:  # it failed before its attempt was counted
             try:
                 doc = self.area.read(claim)
-            except (OSError, VtabError):
-                doc = None
-        if doc is None:
-            self._crash_unreadable(claim, exc)
-            return
+                doc["attempts"] = int(doc.get("attempts") or 0) + 1
+            except (OSError, VtabError, TypeError, ValueError):
+                self._crash_unreadable(claim, exc)
+                return
         doc["error"] = self._error_record(exc, claim, doc)
+        if note:
+            doc["error"]["note"] = note
         doc.pop("lease", None)
         log.error("%s crashed: %s", claim.job_id, doc["error"]["message"])
-        job_id = doc["id"] if is_valid_id(str(doc.get("id"))) else claim.job_id
+        job_id = doc["id"] if _valid_id(doc.get("id")) else claim.job_id
         try:
             self.area.write(claim, doc)
             self.area.move(claim, CRASHED, job_id)
@@ -452,6 +455,10 @@ class Runner:
             log.exception("%s: could not move it to crashed/", claim.job_id)
             return
         log.error("%s crashed: %s", claim.job_id, exc)
+
+
+def _valid_id(value: object) -> bool:
+    return isinstance(value, str) and is_valid_id(value)
 
 
 # -- command line --------------------------------------------------------------------------

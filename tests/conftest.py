@@ -1,0 +1,61 @@
+"""Shared fixtures: small pipelines of `sleep` jobs and a way to drain a work area."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from vtab.runner import Runner, RunnerSettings
+from vtab.workarea import WorkArea
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def toy_pipeline(log: Path | None = None, seconds: float = 0.0,
+                 datasets: tuple[str, ...] = ("a", "b")) -> dict[str, Any]:
+    """The VTAB-1K protocol's shape with `sleep` jobs whose result is a swept value."""
+    sleep: dict[str, Any] = {"seconds": seconds}
+    if log is not None:
+        sleep["log"] = str(log)
+    return {
+        "name": "toy",
+        "current_stage": "datasets",
+        "config": {"sleep": sleep, "metric": "top1"},
+        "stages": {
+            "datasets": {"grid": {"dataset": list(datasets)}, "child_stage": "tune",
+                         "next_stage": "summarize"},
+            "tune": {"grid": {"sleep.result": [0.25, 0.75, 0.5], "seed": [0, 1]},
+                     "child_stage": "train_val", "next_stage": "select"},
+            "train_val": {"hyperparams": {"kind": "sleep"}},
+            "select": {"processor": "select_best", "next_stage": "final"},
+            "final": {"grid": {"seed": [0, 1, 2]}, "child_stage": "train_test",
+                      "next_stage": "aggregate"},
+            "train_test": {"hyperparams": {"kind": "sleep"}},
+            "aggregate": {"processor": "aggregate"},
+            "summarize": {"processor": "summarize"},
+        },
+    }
+
+
+TOY_JOBS_PER_DATASET = 1 + 6 + 3  # the dataset job, its tuning runs, its final runs
+
+
+def queue(area: WorkArea, doc: dict[str, Any], name: str = "toy.yaml") -> Path:
+    path = area.root / name
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def drain(area: WorkArea, **settings: Any) -> int:
+    """Run one runner in this process until the area is drained."""
+    defaults: dict[str, Any] = {"lease_timeout": 5.0, "poll_interval": 0.05,
+                                "sweep_interval": 0.05, "idle_limit": 60.0, "progress": False}
+    return Runner(area, RunnerSettings(**{**defaults, **settings}), "cpu", "test-runner").run()
+
+
+@pytest.fixture
+def area(tmp_path: Path) -> WorkArea:
+    return WorkArea(tmp_path / "work")

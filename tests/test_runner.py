@@ -1,0 +1,151 @@
+"""A runner in this process: the whole stage machine, bad input, retries, recovery."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import TOY_JOBS_PER_DATASET, drain, queue, toy_pipeline
+from vtab import yamlio
+from vtab.pipeline import KINDS, StageContext
+from vtab.workarea import CRASHED, FINISHED, RUNNING, SUMMARIZED, WAITING, WorkArea
+
+CALLS: dict[str, int] = {}
+
+
+@KINDS.register("test_flaky")
+def _flaky(config: dict[str, Any], ctx: StageContext) -> dict[str, Any]:
+    """Fails the first `fail_times` calls per job id, then succeeds."""
+    CALLS[ctx.job["id"]] = CALLS.get(ctx.job["id"], 0) + 1
+    if CALLS[ctx.job["id"]] <= config.get("fail_times", 0):
+        raise RuntimeError(f"flaky failure {CALLS[ctx.job['id']]}")
+    return {"result": 1.0}
+
+
+def _single(kind: str, **config: Any) -> dict[str, Any]:
+    return {"current_stage": "run", "config": config,
+            "stages": {"run": {"hyperparams": {"kind": kind}}}}
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def test_a_pipeline_drains_and_is_summarized(area: WorkArea, tmp_path: Path) -> None:
+    log = tmp_path / "executions.log"
+    queue(area, toy_pipeline(log))
+    assert drain(area) == 0
+    summary = yamlio.load_mapping(area.folder(SUMMARIZED) / "toy" / "summary.yaml")
+    assert set(summary["datasets"]) == {"a", "b"}
+    entry = summary["datasets"]["a"]
+    assert entry["selected"] == {"sleep.result": 0.75}
+    assert entry["result"] == pytest.approx(0.75) and entry["std"] == 0.0
+    assert entry["seeds"] == {0: 0.75, 1: 0.75, 2: 0.75}
+    jobs = sorted(p.stem for p in (area.folder(SUMMARIZED) / "toy" / "jobs").iterdir())
+    assert len(jobs) == 1 + 2 * TOY_JOBS_PER_DATASET
+    executed = [line.split()[0] for line in _lines(log)]
+    assert sorted(executed) == sorted(j for j in jobs if "__tune__" in j or "__final__" in j)
+    for folder in (RUNNING, WAITING, FINISHED, CRASHED):
+        assert area.listing(folder) == [], folder
+    assert area.queued() == []
+    root = yamlio.load_mapping(area.folder(SUMMARIZED) / "toy" / "jobs" / "toy.yaml")
+    assert [h["stage"] for h in root["history"]] == ["datasets", "summarize"]
+    leaf = yamlio.load_mapping(area.folder(SUMMARIZED) / "toy" / "jobs" /
+                               "toy__a__final__seed=1.yaml")
+    assert leaf["result"] == 0.75 and leaf["result_stage"] == "train_test"
+    assert {"host", "code_version", "runner", "python"} <= set(leaf["provenance"])
+    assert "total_s" in leaf["timings"]
+
+
+def test_requeuing_a_finished_pipeline_does_not_train_again(area: WorkArea,
+                                                            tmp_path: Path) -> None:
+    log = tmp_path / "executions.log"
+    queue(area, toy_pipeline(log, datasets=("a",)))
+    assert drain(area) == 0
+    runs = len(_lines(log))
+    queue(area, toy_pipeline(log, datasets=("a",)))
+    assert drain(area) == 0
+    assert len(_lines(log)) == runs
+    assert (area.folder(SUMMARIZED) / "toy" / "summary.yaml").exists()
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (b"", "the file is empty"),
+    (b"\x00\xff\xfe binary", "not UTF-8"),
+    (b"- a\n- b\n", "top level is a list"),
+    (b"a: [1, 2\n", "invalid YAML"),
+    (b"!!python/object/apply:os.system ['echo hi']\n", "refused YAML construct"),
+])
+def test_unreadable_files_are_kept_and_explained(area: WorkArea, content: bytes,
+                                                 message: str) -> None:
+    (area.root / "broken.yaml").write_bytes(content)
+    queue(area, toy_pipeline(datasets=("a",)))
+    assert drain(area) == 0
+    assert (area.folder(CRASHED) / "broken.yaml").read_bytes() == content
+    report = (area.folder(CRASHED) / "broken.error.txt").read_text()
+    assert message in report and "broken.yaml" in report
+    assert (area.folder(SUMMARIZED) / "toy" / "summary.yaml").exists()  # the runner went on
+
+
+@pytest.mark.parametrize(("doc", "key", "message"), [
+    (_single("no_such_kind"), "hyperparams.kind", "unknown job kind"),
+    (_single("sleep", sleep={"seconds": "long"}), "sleep.seconds", "expected a number"),
+    (_single("sleep", sleep={"seconds": -1}), "sleep.seconds", "at least 0"),
+    ({"current_stage": "a", "stages": {"a": {"processor": "aggregate", "next_stage": "a"}}},
+     "stages.a", "cycle"),
+    ({"name": "../../etc", **_single("sleep")}, "name", "cannot name a pipeline"),
+])
+def test_bad_jobs_crash_with_file_and_key(area: WorkArea, doc: dict[str, Any], key: str,
+                                          message: str) -> None:
+    queue(area, doc, "bad.yaml")
+    assert drain(area) == 0
+    (crashed,) = area.listing(CRASHED)
+    error = yamlio.load_mapping(crashed)["error"]
+    assert error["key"] == key
+    assert message in error["message"] and "bad.yaml" in error["message"]
+    assert error["attempt"] == 1  # bad input is not retried
+    assert {"type", "traceback", "host", "runner", "at", "stage"} <= set(error)
+
+
+def test_unexpected_errors_are_retried_then_crashed(area: WorkArea) -> None:
+    queue(area, {"name": "flaky1", **_single("test_flaky", fail_times=1)}, "flaky1.yaml")
+    queue(area, {"name": "flaky9", **_single("test_flaky", fail_times=9)}, "flaky9.yaml")
+    assert drain(area, max_attempts=3) == 0
+    done = yamlio.load_mapping(area.folder(FINISHED) / "flaky1.yaml")
+    assert done["result"] == 1.0 and len(done["errors"]) == 1
+    crashed = yamlio.load_mapping(area.folder(CRASHED) / "flaky9.yaml")
+    assert crashed["error"]["message"] == "flaky failure 3"
+    assert crashed["error"]["attempt"] == 3 and "after 3 attempts" in crashed["error"]["note"]
+    assert [e["message"] for e in crashed["errors"]] == [f"flaky failure {i}" for i in (1, 2)]
+    # Moving it back by hand retries it with fresh attempts.
+    (area.folder(CRASHED) / "flaky9.yaml").rename(area.root / "flaky9.yaml")
+    CALLS["flaky9"] = 100
+    assert drain(area) == 0
+    retried = yamlio.load_mapping(area.folder(FINISHED) / "flaky9.yaml")
+    assert retried["result"] == 1.0
+    assert retried["previous_errors"][0]["message"] == "flaky failure 3"
+
+
+def test_a_dead_runners_claim_is_recovered(area: WorkArea, tmp_path: Path) -> None:
+    log = tmp_path / "executions.log"
+    job = queue(area, {"name": "orphan", **_single("sleep", sleep={"log": str(log)})},
+                "orphan.yaml")
+    dead = area.claim(job)  # claimed and never heartbeated again: its runner died
+    assert dead is not None
+    assert drain(area, lease_timeout=0.3) == 0
+    done = yamlio.load_mapping(area.folder(FINISHED) / "orphan.yaml")
+    assert done["errors"][0]["type"] == "LeaseExpired"
+    assert _lines(log) == [line for line in _lines(log) if line.startswith("orphan ")]
+    assert len(_lines(log)) == 1
+    assert area.listing(RUNNING) == []
+
+
+def test_waiting_on_a_crashed_child_does_not_keep_runners_forever(area: WorkArea) -> None:
+    doc = toy_pipeline(datasets=("a",))
+    doc["stages"]["train_val"] = {"hyperparams": {"kind": "sleep", "sleep.seconds": "x"}}
+    queue(area, doc)
+    assert drain(area, idle_limit=30) == 0
+    assert len(area.listing(CRASHED)) == 6
+    assert {p.stem for p in area.listing(WAITING)} == {"toy", "toy__a"}

@@ -1,0 +1,132 @@
+"""The work-area protocol: claims, leases, atomic writes, locating jobs."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from vtab import yamlio
+from vtab.workarea import FINISHED, RUNNING, LeaseLost, LeaseWatcher, WorkArea, is_valid_id
+
+
+def _queue_job(area: WorkArea, job_id: str) -> Path:
+    path = area.root / f"{job_id}.yaml"
+    yamlio.write_mapping(path, {"id": job_id})
+    return path
+
+
+def test_claim_is_exclusive(area: WorkArea) -> None:
+    path = _queue_job(area, "job")
+    other = WorkArea(area.root)
+    first = area.claim(path)
+    assert first is not None
+    assert other.claim(path) is None
+    assert first.path.parent.name == RUNNING
+    assert first.path.name.startswith("job@")
+    assert area.queued() == []
+
+
+def test_claim_next_on_empty_queue(area: WorkArea) -> None:
+    assert area.claim_next() is None
+
+
+def test_hidden_and_foreign_files_are_not_jobs(area: WorkArea) -> None:
+    (area.root / ".x.yaml.abc.tmp").write_text("id: x")
+    (area.root / "notes.txt").write_text("hello")
+    (area.root / ".hidden.yaml").write_text("id: x")
+    assert area.queued() == []
+
+
+def _claim_all(root: str, out: multiprocessing.Queue) -> None:
+    area = WorkArea(root)
+    won = []
+    while (claim := area.claim_next()) is not None:
+        won.append(claim.job_id)
+    out.put(won)
+
+
+def test_racing_processes_claim_each_job_once(area: WorkArea) -> None:
+    ids = {f"job{i:03d}" for i in range(300)}
+    for job_id in ids:
+        _queue_job(area, job_id)
+    out: multiprocessing.Queue = multiprocessing.Queue()
+    procs = [multiprocessing.Process(target=_claim_all, args=(str(area.root), out))
+             for _ in range(6)]
+    for proc in procs:
+        proc.start()
+    results = [out.get(timeout=60) for _ in procs]
+    for proc in procs:
+        proc.join(timeout=60)
+    claimed = [job_id for won in results for job_id in won]
+    assert sorted(claimed) == sorted(ids)  # every job once, none twice
+    assert len(area.listing(RUNNING)) == len(ids)
+
+
+def test_old_holder_cannot_write_or_move_after_a_takeover(area: WorkArea) -> None:
+    claim = area.claim(_queue_job(area, "job"))
+    assert claim is not None
+    takeover = area.claim(claim.path)
+    assert takeover is not None
+    with pytest.raises(LeaseLost):
+        area.write(claim, {"id": "job", "stale": True})
+    with pytest.raises(LeaseLost):
+        area.move(claim, FINISHED)
+    with pytest.raises(LeaseLost):
+        area.heartbeat(claim)
+    assert area.read(takeover) == {"id": "job"}
+    assert area.listing(RUNNING) == [takeover.path]
+
+
+def test_write_replaces_content_atomically_and_leaves_no_temporary_files(area: WorkArea) -> None:
+    claim = area.claim(_queue_job(area, "job"))
+    assert claim is not None
+    area.write(claim, {"id": "job", "result": 0.5})
+    assert area.read(claim)["result"] == 0.5
+    assert sorted(p.name for p in claim.path.parent.iterdir()) == [claim.path.name]
+    target = area.move(claim, FINISHED)
+    assert target == area.folder(FINISHED) / "job.yaml"
+
+
+def test_lease_watcher_judges_by_its_own_observation(area: WorkArea) -> None:
+    claim = area.claim(_queue_job(area, "job"))
+    assert claim is not None
+    os.utime(claim.path, (0, 0))  # a claim file stamped in 1970: clocks are not compared
+    watcher = LeaseWatcher(timeout=0.3)
+    assert watcher.stale(area.folder(RUNNING), set()) == []
+    time.sleep(0.2)
+    area.heartbeat(claim)
+    assert watcher.stale(area.folder(RUNNING), set()) == []  # the stamp moved: alive
+    time.sleep(0.35)
+    assert watcher.stale(area.folder(RUNNING), set()) == [claim.path]
+    assert watcher.stale(area.folder(RUNNING), {claim.token}) == []  # never our own
+
+
+def test_locate_and_create(area: WorkArea) -> None:
+    assert area.create("a", {"id": "a", "pipeline": "p"})
+    assert not area.create("a", {"id": "a", "pipeline": "p"})
+    assert area.locate("a") == area.root / "a.yaml"
+    claim = area.claim(area.root / "a.yaml")
+    assert claim is not None
+    assert area.locate("a") == claim.path
+    area.move(claim, FINISHED)
+    assert area.locate("a") == area.folder(FINISHED) / "a.yaml"
+    assert not area.create("a", {"id": "a", "pipeline": "p"})  # finished counts as existing
+    jobs = area.summarized_jobs("p")
+    jobs.mkdir(parents=True)
+    os.replace(area.folder(FINISHED) / "a.yaml", jobs / "a.yaml")
+    assert area.locate("a", "p") == jobs / "a.yaml"
+    assert area.done_path("a", "p") == jobs / "a.yaml"
+
+
+@pytest.mark.parametrize("job_id", ["../evil", "a/b", ".hidden", "a@b", "", "x" * 201, "a b"])
+def test_invalid_ids(job_id: str) -> None:
+    assert not is_valid_id(job_id)
+
+
+@pytest.mark.parametrize("job_id", ["debug", "debug__digits__tune__lr=0.1_seed=0", "p-1.5+x"])
+def test_valid_ids(job_id: str) -> None:
+    assert is_valid_id(job_id)

@@ -1,0 +1,160 @@
+"""What a work area holds right now, and what a pipeline will expand to."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from vtab import kinds, processors, yamlio  # noqa: F401  (registers kinds and processors)
+from vtab.errors import VtabError
+from vtab.pipeline import (
+    DEFAULT_MAX_GRID_POINTS,
+    children_of,
+    missing_children,
+    prepare_root,
+    stage_kind,
+)
+from vtab.workarea import CRASHED, FINISHED, RUNNING, SUFFIX, SUMMARIZED, WAITING, WorkArea
+
+SHOWN = 20  # jobs listed per folder before "... and N more"
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    try:
+        return yamlio.load_mapping(path)
+    except (OSError, VtabError):
+        return None
+
+
+def _capped(lines: list[str]) -> Iterator[str]:
+    yield from lines[:SHOWN]
+    if len(lines) > SHOWN:
+        yield f"    ... and {len(lines) - SHOWN} more"
+
+
+def _running_line(path: Path, now: float) -> str:
+    doc = _read(path) or {}
+    lease = doc.get("lease") or {}
+    try:
+        age = f"{now - path.stat().st_mtime:.0f}s ago"
+    except FileNotFoundError:
+        age = "gone"
+    return (f"    {path.name[: -len(SUFFIX)]}  stage={doc.get('current_stage', '?')} "
+            f"attempt={doc.get('attempts', '?')} runner={lease.get('runner', '?')} "
+            f"heartbeat {age}")
+
+
+def _waiting_line(area: WorkArea, path: Path) -> str:
+    doc = _read(path)
+    if doc is None:
+        return f"    {path.name}  (unreadable)"
+    children = (doc.get("waiting_for") or {}).get("children", [])
+    missing = missing_children(doc, area)
+    crashed = [c for c in missing if (area.folder(CRASHED) / (c + SUFFIX)).exists()]
+    note = f", {len(crashed)} crashed: {', '.join(crashed[:3])}" if crashed else ""
+    return (f"    {doc.get('id', path.stem)}  {len(children) - len(missing)}/{len(children)} "
+            f"children finished{note}")
+
+
+def _crashed_line(path: Path) -> str:
+    doc = _read(path) or {}
+    message = str((doc.get("error") or {}).get("message", "(no error recorded)"))
+    return f"    {path.stem}  {message.splitlines()[0][:160] if message else ''}"
+
+
+def status_lines(area: WorkArea) -> Iterator[str]:
+    now = time.time()
+    queued = area.queued()
+    running = area.listing(RUNNING)
+    waiting = area.listing(WAITING)
+    crashed = area.listing(CRASHED)
+    yield f"work area {area.root}"
+    yield f"  queued:   {len(queued)}"
+    yield from _capped([f"    {p.stem}" for p in sorted(queued)])
+    yield f"  running:  {len(running)}"
+    yield from _capped([_running_line(p, now) for p in sorted(running)])
+    yield f"  waiting:  {len(waiting)}"
+    yield from _capped([_waiting_line(area, p) for p in sorted(waiting)])
+    yield f"  finished: {len(area.listing(FINISHED))}"
+    yield f"  crashed:  {len(crashed)}"
+    yield from _capped([_crashed_line(p) for p in sorted(crashed)])
+    unreadable = sorted(area.folder(CRASHED).glob("*.error.txt"))
+    if unreadable:
+        yield f"    ({len(unreadable)} unreadable files, errors in crashed/*.error.txt)"
+    summarized = sorted(p.parent.name for p in area.folder(SUMMARIZED).glob("*/summary.yaml"))
+    yield f"  summarized pipelines: {', '.join(summarized) or 'none'}"
+    if not queued and not running and waiting:
+        yield "  nothing is queued or running: the waiting jobs wait on crashed or missing jobs"
+
+
+def plan_lines(doc: dict[str, Any], limit: int, indent: int = 0) -> Iterator[str]:
+    """The stages a job goes through; one child of each fork is shown as an example."""
+    pad = "  " * indent
+    stage = doc["current_stage"]
+    while stage:
+        spec = doc["stages"][stage]
+        kind = stage_kind(doc["stages"], stage)
+        if kind == "grid":
+            children = children_of(doc, stage, limit)
+            names = ", ".join(c["id"] for c in children[:3])
+            more = f", ... ({len(children)} in all)" if len(children) > 3 else ""
+            yield f"{pad}{stage}: grid -> {len(children)} jobs: {names}{more}"
+            yield f"{pad}  each job, e.g. {children[0]['id']}:"
+            yield from plan_lines(children[0], limit, indent + 2)
+        elif kind == "processor":
+            body = spec["processor"]
+            yield f"{pad}{stage}: processor {body if isinstance(body, str) else body['kind']}"
+        else:
+            body = dict(spec["hyperparams"])
+            kind_name = body.pop("kind", "linear_probe")
+            settings = " ".join(f"{k}={v}" for k, v in body.items())
+            yield f"{pad}{stage}: run {kind_name} {settings}".rstrip()
+        stage = spec.get("next_stage")
+
+
+def count_jobs(doc: dict[str, Any], limit: int) -> int:
+    """Jobs the pipeline creates, itself included (forks after a selection are counted too)."""
+    total, stage = 1, doc["current_stage"]
+    while stage:
+        if stage_kind(doc["stages"], stage) == "grid":
+            children = children_of(doc, stage, limit)
+            total += len(children) * count_jobs(children[0], limit)
+        stage = doc["stages"][stage].get("next_stage")
+    return total
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="main_status.py",
+        description="Show what a work area holds (queued, running with heartbeat age, waiting, "
+                    "finished, crashed), or with --plan what a pipeline yaml expands to.")
+    parser.add_argument("--work_area", type=Path, default=Path("./work"),
+                        help="the work area folder (default: ./work)")
+    parser.add_argument("--plan", type=Path, metavar="PIPELINE_YAML",
+                        help="do not look at a work area: print the stages and jobs this "
+                             "pipeline expands to, with environment variables resolved")
+    parser.add_argument("--max_grid_points", type=int, default=DEFAULT_MAX_GRID_POINTS,
+                        help="the grid size limit to check against (default: %(default)s)")
+    args = parser.parse_args(argv)
+    if args.plan is not None:
+        try:
+            root = prepare_root(yamlio.load_mapping(args.plan), args.plan.stem)
+            lines = [f"pipeline {root['pipeline']} ({args.plan})", *plan_lines(
+                root, args.max_grid_points)]
+            lines.append(f"{count_jobs(root, args.max_grid_points)} jobs in all")
+        except (OSError, VtabError) as exc:
+            message = str(exc)
+            print(message if str(args.plan) in message else f"{args.plan}: {message}",
+                  file=sys.stderr)
+            return 1
+        print("\n".join(lines))
+        return 0
+    if not args.work_area.is_dir():
+        print(f"{args.work_area}: no such work area", file=sys.stderr)
+        return 1
+    print("\n".join(status_lines(WorkArea(args.work_area))))
+    return 0

@@ -1,0 +1,60 @@
+"""The debug pipeline end to end: two runner processes, real features and heads, the table."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+from vtab import yamlio
+from vtab.evaluation.digits import write_digits
+from vtab.workarea import CRASHED, FINISHED, RUNNING, SUMMARIZED, WAITING, WorkArea
+
+
+@pytest.mark.slow
+def test_two_runners_drain_the_debug_pipeline(tmp_path: Path) -> None:
+    data = tmp_path / "vtab-1k"
+    write_digits(data)
+    area = WorkArea(tmp_path / "work")
+    shutil.copy(REPO / "pipelines" / "debug" / "debug.yaml", area.root)
+    env = {**os.environ, "VTAB1K_ROOT": str(data), "VTAB_DEBUG_EPOCHS": "10"}
+    runner = subprocess.run(
+        [sys.executable, "main_runner.py", "--work_area", str(area.root), "--devices", "cpu,cpu",
+         "--no_progress"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert runner.returncode == 0, runner.stdout + runner.stderr
+    for folder in (RUNNING, WAITING, FINISHED, CRASHED):
+        assert area.listing(folder) == [], folder
+
+    summary = yamlio.load_mapping(area.folder(SUMMARIZED) / "debug" / "summary.yaml")
+    digits = summary["datasets"]["digits"]
+    assert 0.5 < digits["result"] <= 1.0  # ten classes: chance is 0.1
+    assert set(digits["seeds"]) == {0, 1, 2}
+    assert digits["selected"]["optim.lr"] in (0.1, 0.01)
+    assert len(digits["tuning"]) == 2
+    jobs = area.summarized_jobs("debug")
+    assert len(list(jobs.glob("*.yaml"))) == 9
+    final = yamlio.load_mapping(jobs / "debug__digits__final__seed=0.yaml")
+    assert final["config"]["data"]["root"] == str(data)  # resolved at expansion and recorded
+    assert final["env"]["VTAB1K_ROOT"] == str(data)
+    assert final["config"]["optim"]["lr"] == digits["selected"]["optim.lr"]
+    assert final["metrics"]["top1"] == final["result"]
+    assert final["num_eval"] == 797
+    assert final["provenance"]["device"] == "cpu"
+    # The backbone ran once per split for seven heads: train800 and train800val200 on the
+    # training side, val200 and test on the evaluation side, each extracted by one job only.
+    features = [yamlio.load_mapping(p)["features"] for p in jobs.glob("*__*__*.yaml")]
+    assert len(features) == 7
+    assert sum(not f["train"]["cached"] for f in features) == 2
+    assert sum(not f["eval"]["cached"] for f in features) == 2
+
+    table = subprocess.run(
+        [sys.executable, "main_parse_results.py", "--root", str(area.folder(SUMMARIZED))],
+        cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert table.returncode == 0, table.stderr
+    assert "digits" in table.stdout
+    assert f"{100 * digits['result']:.1f}" in table.stdout

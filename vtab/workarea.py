@@ -27,7 +27,6 @@ import random
 import re
 import secrets
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,7 +75,8 @@ class LeaseWatcher:
         now = time.monotonic()
         current: dict[str, tuple[tuple[int, int, int], float]] = {}
         stale: list[Path] = []
-        for path in _yaml_files(running_dir):
+        for name in _yaml_names(running_dir):
+            path = running_dir / name
             if _token_of(path) in own_tokens:
                 continue
             stamp = _stamp(path)
@@ -105,10 +105,11 @@ class WorkArea:
     # -- listing -----------------------------------------------------------
 
     def queued(self) -> list[Path]:
-        return list(_yaml_files(self.root))
+        return [self.root / name for name in _yaml_names(self.root)]
 
     def listing(self, folder: str) -> list[Path]:
-        return list(_yaml_files(self.root / folder))
+        directory = self.root / folder
+        return [directory / name for name in _yaml_names(directory)]
 
     def locate(self, job_id: str, pipeline: str | None = None) -> Path | None:
         """Where the job with `job_id` is now, or None if nowhere."""
@@ -155,10 +156,10 @@ class WorkArea:
 
     def claim_next(self) -> Claim | None:
         """Claim any queued job; random order keeps many runners from colliding."""
-        candidates = self.queued()
-        random.shuffle(candidates)
-        for path in candidates:
-            claim = self.claim(path)
+        names = _yaml_names(self.root)
+        random.shuffle(names)
+        for name in names:
+            claim = self.claim(self.root / name)
             if claim is not None:
                 return claim
         return None
@@ -219,17 +220,21 @@ def glob_escape(text: str) -> str:
     return re.sub(r"([*?\[])", r"[\1]", text)
 
 
-def _yaml_files(folder: Path) -> Iterator[Path]:
+def _yaml_names(folder: Path) -> list[str]:
+    """Names of the job files in `folder` (names only: building paths for thousands is slow)."""
     try:
-        entries = os.scandir(folder)
+        with os.scandir(folder) as entries:
+            return [e.name for e in entries
+                    if e.name.endswith(SUFFIX) and not e.name.startswith(".") and _is_file(e)]
     except FileNotFoundError:
-        return
-    with entries:
-        for entry in entries:
-            if entry.name.endswith(SUFFIX) and not entry.name.startswith("."):
-                with contextlib.suppress(OSError):
-                    if entry.is_file():
-                        yield Path(entry.path)
+        return []
+
+
+def _is_file(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_file()
+    except OSError:  # vanished between the listing and the check
+        return False
 
 
 def _id_of(path: Path) -> str:

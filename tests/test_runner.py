@@ -149,3 +149,36 @@ def test_waiting_on_a_crashed_child_does_not_keep_runners_forever(area: WorkArea
     assert drain(area, idle_limit=30) == 0
     assert len(area.listing(CRASHED)) == 6
     assert {p.stem for p in area.listing(WAITING)} == {"toy", "toy__a"}
+
+
+def test_a_job_settled_before_its_runner_died_is_only_moved(area: WorkArea,
+                                                            tmp_path: Path) -> None:
+    """Content is written before the move: the next holder moves it and runs nothing."""
+    log = tmp_path / "executions.log"
+    queue(area, toy_pipeline(log, datasets=("a",)))
+    assert drain(area) == 0
+    runs = _lines(log)
+    jobs = area.summarized_jobs("toy")
+    # Put a finished leaf back as if its runner died between its last write and its move,
+    # and its parent as if it died between forking and moving into waiting/.
+    leaf = yamlio.load_mapping(jobs / "toy__a__final__seed=0.yaml")
+    leaf["finished_in"] = "finished"
+    yamlio.write_mapping(area.root / "leaf.yaml", leaf)
+    assert area.claim(area.root / "leaf.yaml") is not None  # a claim nobody heartbeats
+    assert drain(area, lease_timeout=0.3) == 0
+    moved = yamlio.load_mapping(area.folder(FINISHED) / "toy__a__final__seed=0.yaml")
+    assert moved["history"] == leaf["history"]
+    assert _lines(log) == runs
+
+
+def test_a_finished_job_cannot_name_a_folder_outside_the_area(area: WorkArea) -> None:
+    doc = {"name": "escape", **_single("sleep")}
+    queue(area, doc, "escape.yaml")
+    assert drain(area) == 0
+    done = yamlio.load_mapping(area.folder(FINISHED) / "escape.yaml")
+    done["finished_in"] = "../../elsewhere"
+    yamlio.write_mapping(area.root / "escape.yaml", done)
+    (area.folder(FINISHED) / "escape.yaml").unlink()
+    assert drain(area) == 0
+    error = yamlio.load_mapping(area.folder(CRASHED) / "escape.yaml")["error"]
+    assert error["key"] == "finished_in"

@@ -26,7 +26,7 @@ from vtab.config import flatten, merged, resolve_env
 from vtab.errors import ConfigError
 from vtab.provenance import environment, now_iso
 from vtab.registry import Registry
-from vtab.workarea import WorkArea, is_valid_id
+from vtab.workarea import FINISHED, WorkArea, is_valid_id
 
 STAGE_KINDS = ("grid", "processor", "hyperparams")
 STAGE_KEYS = {
@@ -55,9 +55,9 @@ class Wait:
 
 @dataclass(frozen=True)
 class Finish:
-    """The job is done; it goes to finished/ unless `folder` says otherwise."""
+    """The job is done; it goes to `folder`, relative to the work area."""
 
-    folder: Path | None = None
+    folder: str = FINISHED
 
 
 Outcome = Advance | Wait | Finish

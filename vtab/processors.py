@@ -116,7 +116,7 @@ def summarize(doc: dict[str, Any], options: dict[str, Any], ctx: StageContext) -
     folder = ctx.area.folder(SUMMARIZED) / pipeline
     _move_tree(ctx.area, doc, folder)
     yamlio.write_mapping(folder / "summary.yaml", summary)
-    return Finish(ctx.area.summarized_jobs(pipeline))
+    return Finish(f"{SUMMARIZED}/{pipeline}/jobs")
 
 
 def _move_tree(area: WorkArea, root: Mapping[str, Any], folder: Path) -> None:

@@ -39,7 +39,6 @@ from vtab.pipeline import (
 )
 from vtab.workarea import (
     CRASHED,
-    FINISHED,
     RUNNING,
     SUFFIX,
     WAITING,
@@ -274,6 +273,9 @@ class Runner:
         return doc
 
     def _run_stages(self, claim: Claim, doc: dict[str, Any]) -> None:
+        if "finished_in" in doc or "waiting_for" in doc:
+            self._place(claim, doc)  # settled by a runner that died before moving it
+            return
         ctx = replace(self.ctx, job=doc)
         while True:
             stage = doc["current_stage"]
@@ -297,18 +299,27 @@ class Runner:
             return
 
     def _settle(self, claim: Claim, doc: dict[str, Any], outcome: Wait | Finish) -> None:
-        """Write the job and move it out of running/: to waiting/, finished/ or elsewhere."""
+        """Record the outcome in the job, then move the file where the content says."""
         doc["attempts"] = 0
         doc.pop("lease", None)
-        if isinstance(outcome, Wait):
-            self.area.write(claim, doc)
+        if isinstance(outcome, Finish):
+            doc["finished_at"] = provenance.now_iso()
+            doc["finished_in"] = outcome.folder
+        self.area.write(claim, doc)
+        self._place(claim, doc)
+
+    def _place(self, claim: Claim, doc: dict[str, Any]) -> None:
+        """Move a settled job (finished or waiting) into its folder, then release who waits.
+
+        Content is written before the move, so a runner that dies in between leaves a job
+        whose next holder only has to move it: nothing runs twice.
+        """
+        if "finished_in" not in doc:
             self.area.move(claim, WAITING, doc["id"])
             log.info("%s: waits for %d jobs", doc["id"], len(doc["waiting_for"]["children"]))
             self.try_release(doc["id"])
             return
-        doc["finished_at"] = provenance.now_iso()
-        self.area.write(claim, doc)
-        self.area.move(claim, outcome.folder or FINISHED, doc["id"])
+        self.area.move(claim, self.area.end_folder(doc["finished_in"]), doc["id"])
         self.jobs_done += 1
         result = f" result={doc['result']:.4f}" if isinstance(doc.get("result"), float) else ""
         log.info("%s: finished%s", doc["id"], result)

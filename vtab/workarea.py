@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from vtab import yamlio
+from vtab.errors import ConfigError
 
 RUNNING, WAITING, FINISHED, CRASHED, SUMMARIZED = (
     "running", "waiting", "finished", "crashed", "summarized")
@@ -127,6 +128,15 @@ class WorkArea:
             if summarized.exists():
                 return summarized
         return None
+
+    def end_folder(self, relative: object) -> Path:
+        """The folder a finished job names (``finished`` or ``summarized/<p>/jobs``)."""
+        parts = str(relative).split("/")
+        if parts == [FINISHED] or (len(parts) == 3 and parts[0] == SUMMARIZED
+                                   and is_valid_id(parts[1]) and parts[2] == "jobs"):
+            return self.root.joinpath(*parts)
+        raise ConfigError("finished_in", f"{relative!r} is not a folder a finished job can go "
+                                         f"to ({FINISHED} or {SUMMARIZED}/<pipeline>/jobs)")
 
     def summarized_jobs(self, pipeline: str) -> Path:
         return self.root / SUMMARIZED / pipeline / "jobs"

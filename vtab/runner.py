@@ -67,6 +67,7 @@ class RunnerSettings:
     sweep_interval: float = 1.0
     max_attempts: int = 3
     idle_limit: float | None = None
+    max_jobs: int | None = None
     num_workers: int = 0
     cache_dir: Path | None = None
     max_grid_points: int = DEFAULT_MAX_GRID_POINTS
@@ -137,6 +138,7 @@ class Runner:
         self._interruptible = False
         self._last_sweep = 0.0
         self.jobs_done = 0
+        self.claims = 0
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -158,18 +160,23 @@ class Runner:
         while self.stop_signal is None:
             if self.step():
                 idle_since, quiet_checks = time.monotonic(), 0
+                if self.settings.max_jobs is not None and self.claims >= self.settings.max_jobs:
+                    log.info("handled %d jobs (--max_jobs); exiting", self.claims)
+                    break
                 continue
             quiet_checks = quiet_checks + 1 if self._drained() else 0
             if quiet_checks >= 2:  # twice in a row, so a job in flight between folders is seen
                 self._report_blocked()
                 log.info("work area drained after %d jobs: nothing queued, running or "
                          "releasable; exiting", self.jobs_done)
-                return 0
+                break
             limit = self.settings.idle_limit
             if limit is not None and time.monotonic() - idle_since > limit:
                 log.info("idle for %.0f s (limit %.0f s); exiting", limit, limit)
-                return 0
+                break
             time.sleep(self.settings.poll_interval)
+        if self.stop_signal is None:
+            return 0
         log.info("stopped by signal %d after %d jobs", self.stop_signal, self.jobs_done)
         return 128 + self.stop_signal if self.abandoned else 0
 
@@ -181,6 +188,7 @@ class Runner:
         claim = self.area.claim_next() if self.stop_signal is None else None
         if claim is None:
             return moved
+        self.claims += 1
         self.process(claim)
         return True
 
@@ -491,6 +499,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--idle_limit", type=float, default=None,
                         help="exit after this many seconds without work (default: run until the "
                              "work area is drained)")
+    parser.add_argument("--max_jobs", type=int, default=None,
+                        help="exit after handling this many jobs (default: no limit)")
     parser.add_argument("--lease_timeout", type=float, default=RunnerSettings.lease_timeout,
                         help="seconds without a heartbeat after which a claimed job is taken "
                              "back (default: %(default)s)")
@@ -515,7 +525,8 @@ def _has_cuda_hint() -> bool:
 
 def settings_from(args: argparse.Namespace) -> RunnerSettings:
     return RunnerSettings(lease_timeout=args.lease_timeout, max_attempts=args.max_attempts,
-                          idle_limit=args.idle_limit, num_workers=args.num_workers,
+                          idle_limit=args.idle_limit, max_jobs=args.max_jobs,
+                          num_workers=args.num_workers,
                           cache_dir=args.cache_dir, max_grid_points=args.max_grid_points,
                           progress=not args.no_progress, host=args.host_id,
                           poll_interval=args.poll_interval)

@@ -59,3 +59,13 @@ def drain(area: WorkArea, **settings: Any) -> int:
 @pytest.fixture
 def area(tmp_path: Path) -> WorkArea:
     return WorkArea(tmp_path / "work")
+
+
+@pytest.fixture(scope="session")
+def digits_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A VTAB-1K root holding the embedded digits dataset, written once per session (read-only)."""
+    from vtab.evaluation.digits import write_digits  # imports torch: only when a test asks
+
+    root = tmp_path_factory.mktemp("vtab-1k")
+    write_digits(root)
+    return root

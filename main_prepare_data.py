@@ -1,0 +1,49 @@
+"""Lay out the embedded digits dataset, or check a VTAB-1K data root (see SETUP_DATA.md).
+
+    python main_prepare_data.py digits [--root ROOT]
+    python main_prepare_data.py check [--root ROOT] [--datasets a,b,...]
+
+ROOT defaults to $VTAB1K_ROOT, else ./data/vtab-1k.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from vtab.vtab1k import VTAB1K_DATASETS
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    digits = commands.add_parser("digits", help="write scikit-learn's digits as <root>/digits")
+    check = commands.add_parser("check", help="verify split files and sample images")
+    check.add_argument("--datasets", default=",".join(VTAB1K_DATASETS),
+                       help="comma-separated dataset folders (default: the 19 VTAB-1K tasks)")
+    for sub in (digits, check):
+        sub.add_argument("--root", type=Path,
+                         default=Path(os.environ.get("VTAB1K_ROOT") or "./data/vtab-1k"))
+    args = parser.parse_args(argv)
+
+    if args.command == "digits":
+        from vtab.evaluation.digits import write_digits
+
+        print(f"digits dataset ready in {write_digits(args.root)}")
+        return 0
+    from vtab.evaluation.data import check_root
+
+    lines, problems = check_root(args.root, [d for d in args.datasets.split(",") if d])
+    for line in lines:
+        print(line)
+    if problems:
+        print(f"\n{len(problems)} problem(s) under {args.root}:", *problems, sep="\n  ")
+        return 1
+    print(f"\nall {len(lines)} dataset(s) under {args.root} look complete")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

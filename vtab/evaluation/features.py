@@ -1,0 +1,201 @@
+"""Feature extraction and a content-keyed feature cache shared by all jobs and runners.
+
+A cache entry is ``<root>/<key[:2]>/<key>.pt`` (features, labels, image paths) and
+``<key>.json``, a manifest written after the payload: an entry exists once its manifest does.
+The key hashes everything that determines the features, so entries are never invalidated, only
+added; a changed split file or checkpoint simply gets a new key.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import socket
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import filelock
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from torchvision import transforms
+from tqdm import tqdm
+
+from vtab.evaluation.data import ImageSplit, Split
+from vtab.fsutil import atomic_write
+
+# Bump when the payload layout or the extraction changes in a way the key fields do not show.
+FORMAT_VERSION = 1
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+PRECISIONS = ("auto", "fp32", "bf16")
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TransformSpec:
+    """Squash-resize to image_size x image_size (no crop: VTAB images keep their full content)."""
+
+    image_size: int
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+
+    def describe(self) -> dict[str, Any]:
+        return {"resize": "squash-bilinear", "image_size": self.image_size,
+                "mean": list(self.mean), "std": list(self.std)}
+
+    def build(self) -> transforms.Compose:
+        return transforms.Compose([
+            transforms.Resize((self.image_size, self.image_size)),
+            transforms.ToTensor(),
+            transforms.Normalize(self.mean, self.std),
+        ])
+
+
+@dataclass
+class FeatureSet:
+    features: torch.Tensor  # float32 [N, D], on the CPU
+    labels: torch.Tensor  # int64 [N]
+    paths: list[str]
+    meta: dict[str, Any] = field(default_factory=dict)  # plain values kept in the manifest
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """``auto`` is bf16 on CUDA and fp32 elsewhere."""
+    if precision == "auto":
+        return "bf16" if torch.device(device).type == "cuda" else "fp32"
+    return precision
+
+
+def cache_fields(backbone: Mapping[str, str], transform: TransformSpec, split: Split,
+                 precision: str) -> dict[str, Any]:
+    """Everything that determines a split's features (`precision` already resolved)."""
+    return {
+        "backbone": dict(backbone),
+        "feature": "pooled",
+        "transform": transform.describe(),
+        "data": {"dataset": split.dataset, "split": split.name, "split_sha256": split.sha256},
+        "dtype": precision,
+    }
+
+
+def extract_features(model: nn.Module, split: Split, transform: TransformSpec, *,
+                     batch_size: int = 64, num_workers: int = 0, device: str = "cpu",
+                     precision: str = "auto", progress: bool = False) -> FeatureSet:
+    """Features of every image of `split`, in file order, as float32 on the CPU."""
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    memory_format = torch.channels_last if cuda else torch.preserve_format
+    model = model.to(dev, memory_format=memory_format)
+    loader = DataLoader(ImageSplit(split, transform.build()), batch_size=batch_size,
+                        shuffle=False, num_workers=num_workers, pin_memory=cuda)
+    bf16 = resolve_precision(precision, device) == "bf16"
+    chunks, indices = [], []
+    with torch.inference_mode(), torch.autocast(dev.type, torch.bfloat16, enabled=bf16):
+        for images, _, index in tqdm(loader, desc=f"{split.dataset}/{split.name}",
+                                     disable=not progress, leave=False):
+            images = images.to(dev, non_blocking=True, memory_format=memory_format)
+            chunks.append(model(images).float().cpu())
+            indices.append(index)
+    stacked = torch.cat(chunks)
+    features = torch.empty_like(stacked)
+    features[torch.cat(indices)] = stacked
+    return FeatureSet(features, torch.tensor(split.labels, dtype=torch.int64), split.paths)
+
+
+class FeatureCache:
+    """Features stored under `root`, keyed by the sha256 of their canonical description."""
+
+    def __init__(self, root: Path, *, lock_timeout: float = 3600.0) -> None:
+        self.root = Path(root)
+        self.lock_timeout = lock_timeout
+
+    @staticmethod
+    def key(fields: Mapping[str, Any]) -> str:
+        canonical = json.dumps({**fields, "format": FORMAT_VERSION}, sort_keys=True,
+                               separators=(",", ":"))
+        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+    def _path(self, key: str, suffix: str) -> Path:
+        return self.root / key[:2] / f"{key}{suffix}"
+
+    def _discard(self, key: str, reason: str) -> None:
+        log.warning("feature cache: discarding %s: %s", self._path(key, ".pt"), reason)
+        for suffix in (".json", ".pt"):  # manifest first: no moment shows a manifest alone
+            with contextlib.suppress(FileNotFoundError):
+                self._path(key, suffix).unlink()
+
+    def load(self, key: str) -> FeatureSet | None:
+        """The entry, or None when it is absent or fails verification (then it is deleted)."""
+        try:
+            manifest = json.loads(self._path(key, ".json").read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            self._discard(key, f"unreadable manifest ({exc})")
+            return None
+        try:
+            payload = self._path(key, ".pt").read_bytes()
+            if hashlib.sha256(payload).hexdigest() != manifest["sha256"]:
+                self._discard(key, "sha256 does not match the manifest")
+                return None
+            data = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+            return FeatureSet(data["features"], data["labels"], data["paths"],
+                              manifest.get("meta", {}))
+        except Exception as exc:  # a damaged entry is recomputed, whatever the damage
+            self._discard(key, f"unreadable payload ({type(exc).__name__}: {exc})")
+            return None
+
+    def store(self, key: str, fields: Mapping[str, Any], features: FeatureSet) -> None:
+        """Write payload then manifest, each atomically: readers see a whole entry or none."""
+        buffer = io.BytesIO()
+        torch.save({"features": features.features, "labels": features.labels,
+                    "paths": features.paths}, buffer)
+        payload = buffer.getvalue()
+        self._path(key, "").parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(self._path(key, ".pt"), payload)
+        manifest = {"key": key, "format": FORMAT_VERSION, "fields": dict(fields),
+                    "sha256": hashlib.sha256(payload).hexdigest(),
+                    "shape": list(features.features.shape), "meta": features.meta,
+                    "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    "host": socket.gethostname()}
+        atomic_write(self._path(key, ".json"), json.dumps(manifest, indent=1, sort_keys=True))
+
+    def get_or_compute(self, fields: Mapping[str, Any],
+                       compute: Callable[[], FeatureSet]) -> tuple[FeatureSet, bool]:
+        """The cached features for `fields`, else compute() stored; also whether it was a hit.
+
+        The lock only avoids duplicate work. Correctness never depends on it (over NFS it may
+        not exclude): files are replaced atomically, a payload that does not match its manifest
+        is discarded and recomputed, and two extractions of one key produce the same features,
+        so a duplicate extraction is only wasted time.
+        """
+        key = self.key(fields)
+        found = self.load(key)
+        if found is not None:
+            return found, True
+        lock_path = self._path(key, ".lock")
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with filelock.FileLock(lock_path, timeout=self.lock_timeout):
+                return self._compute_once(key, fields, compute)
+        except filelock.Timeout:
+            log.warning("feature cache: %s still held after %.0f s; computing without it",
+                        lock_path, self.lock_timeout)
+            return self._compute_once(key, fields, compute)
+
+    def _compute_once(self, key: str, fields: Mapping[str, Any],
+                      compute: Callable[[], FeatureSet]) -> tuple[FeatureSet, bool]:
+        found = self.load(key)  # another process may have finished while we waited
+        if found is not None:
+            return found, True
+        features = compute()
+        self.store(key, fields, features)
+        return features, False

@@ -514,7 +514,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="feature cache folder (default: <work_area>/cache/features)")
     parser.add_argument("--host_id", default=socket.gethostname(),
                         help="host name recorded in leases and results (default: the hostname)")
-    parser.add_argument("--no_progress", action="store_true", help="no progress bars")
+    parser.add_argument("--no_progress", action="store_true",
+                        help="no progress bars (they are shown only when stderr is a terminal)")
     parser.add_argument("--runner_index", type=int, default=None, help=argparse.SUPPRESS)
     return parser
 
@@ -528,7 +529,8 @@ def settings_from(args: argparse.Namespace) -> RunnerSettings:
                           idle_limit=args.idle_limit, max_jobs=args.max_jobs,
                           num_workers=args.num_workers,
                           cache_dir=args.cache_dir, max_grid_points=args.max_grid_points,
-                          progress=not args.no_progress, host=args.host_id,
+                          progress=not args.no_progress and sys.stderr.isatty(),
+                          host=args.host_id,
                           poll_interval=args.poll_interval)
 
 

@@ -9,6 +9,7 @@ import pytest
 
 from tests.conftest import TOY_JOBS_PER_DATASET, drain, queue, toy_pipeline
 from vtab import yamlio
+from vtab.errors import RunnerEnvironmentError
 from vtab.pipeline import KINDS, StageContext
 from vtab.workarea import CRASHED, FINISHED, RUNNING, SUMMARIZED, WAITING, WorkArea
 
@@ -182,3 +183,18 @@ def test_a_finished_job_cannot_name_a_folder_outside_the_area(area: WorkArea) ->
     assert drain(area) == 0
     error = yamlio.load_mapping(area.folder(CRASHED) / "escape.yaml")["error"]
     assert error["key"] == "finished_in"
+
+
+@KINDS.register("test_broken_install")
+def _broken_install(config: dict[str, Any], ctx: StageContext) -> dict[str, Any]:
+    raise RunnerEnvironmentError("operator torchvision::nms does not exist")
+
+
+def test_a_runner_with_a_broken_installation_stops_and_gives_the_job_back(
+        area: WorkArea) -> None:
+    queue(area, {"name": "victim", **_single("test_broken_install")}, "victim.yaml")
+    queue(area, {"name": "other", **_single("test_broken_install")}, "other.yaml")
+    assert drain(area) == 2
+    assert area.listing(CRASHED) == [] and area.listing(RUNNING) == []
+    assert len(area.queued()) == 2  # neither job was crashed for the runner's fault
+    assert all(yamlio.load_mapping(p).get("attempts", 0) == 0 for p in area.queued())

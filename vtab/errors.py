@@ -31,3 +31,11 @@ class ConfigError(VtabError):
 
 class DataError(VtabError):
     """A dataset folder, split file or image is missing or malformed."""
+
+
+class RunnerEnvironmentError(Exception):
+    """This runner's installation cannot run the job (a broken torch, say).
+
+    Not the job's fault: the runner returns the job to the queue and stops,
+    instead of crashing every job it would claim.
+    """

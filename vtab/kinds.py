@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 from vtab.config import number, typed
+from vtab.errors import RunnerEnvironmentError
 from vtab.fsutil import append_line
 from vtab.pipeline import KINDS, StageContext
 
@@ -14,11 +16,22 @@ from vtab.pipeline import KINDS, StageContext
 @KINDS.register("linear_probe")
 def linear_probe(config: dict[str, Any], ctx: StageContext) -> dict[str, Any]:
     """Frozen backbone features (cached) and a linear head trained on them."""
-    from vtab.evaluation.probe import run_linear_probe  # torch is imported only when needed
-
-    return run_linear_probe(config, cache_dir=ctx.features_cache(), device=ctx.device,
+    return _import_probe()(config, cache_dir=ctx.features_cache(), device=ctx.device,
                             num_workers=ctx.num_workers, progress=ctx.progress,
                             outputs_dir=ctx.outputs_dir())
+
+
+def _import_probe() -> Callable[..., dict[str, Any]]:
+    """Import the evaluation engine (and torch) only when a job needs it."""
+    try:
+        from vtab.evaluation.probe import run_linear_probe
+    except (ImportError, RuntimeError) as exc:
+        raise RunnerEnvironmentError(
+            f"the evaluation engine cannot be imported: {type(exc).__name__}: {exc}. If it "
+            "says 'operator torchvision::nms does not exist', torch and torchvision are builds "
+            "that do not match: reinstall both in one command without an exact torch pin "
+            "(see SETUP_ENV.md).") from exc
+    return run_linear_probe
 
 
 @KINDS.register("sleep")

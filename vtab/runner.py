@@ -24,7 +24,7 @@ from types import FrameType
 from typing import Any
 
 from vtab import kinds, processors, provenance, yamlio  # noqa: F401  (registers kinds and processors)
-from vtab.errors import ConfigError, VtabError
+from vtab.errors import ConfigError, RunnerEnvironmentError, VtabError
 from vtab.pipeline import (
     DEFAULT_MAX_GRID_POINTS,
     Advance,
@@ -135,6 +135,7 @@ class Runner:
         self.heartbeat = Heartbeat(area, settings.heartbeat_interval)
         self.stop_signal: int | None = None
         self.abandoned = False
+        self.broken: str | None = None  # why this runner cannot run jobs at all
         self._interruptible = False
         self._last_sweep = 0.0
         self.jobs_done = 0
@@ -157,7 +158,7 @@ class Runner:
     def _loop(self) -> int:
         idle_since = time.monotonic()
         quiet_checks = 0
-        while self.stop_signal is None:
+        while self.stop_signal is None and self.broken is None:
             if self.step():
                 idle_since, quiet_checks = time.monotonic(), 0
                 if self.settings.max_jobs is not None and self.claims >= self.settings.max_jobs:
@@ -175,6 +176,9 @@ class Runner:
                 log.info("idle for %.0f s (limit %.0f s); exiting", limit, limit)
                 break
             time.sleep(self.settings.poll_interval)
+        if self.broken is not None:
+            log.error("this runner cannot run jobs, stopping: %s", self.broken)
+            return 2
         if self.stop_signal is None:
             return 0
         log.info("stopped by signal %d after %d jobs", self.stop_signal, self.jobs_done)
@@ -238,6 +242,9 @@ class Runner:
                 if doc is not None:
                     self._run_stages(claim, doc)
             except StopRequested:
+                self._give_back(claim, doc)
+            except RunnerEnvironmentError as exc:
+                self.broken = str(exc)
                 self._give_back(claim, doc)
             except LeaseLost:
                 log.warning("%s was taken over by another runner; dropping this copy",
@@ -401,7 +408,7 @@ class Runner:
     # -- endings -------------------------------------------------------------------------------
 
     def _give_back(self, claim: Claim, doc: dict[str, Any] | None) -> None:
-        """Graceful stop: the attempt does not count, the job goes back to the queue."""
+        """The runner stops: the attempt does not count, the job goes back to the queue."""
         self.abandoned = True
         try:
             if doc is not None:
@@ -409,7 +416,7 @@ class Runner:
                 doc.pop("lease", None)
                 self.area.write(claim, doc)
             self.area.requeue(claim, (doc or {}).get("id"))
-            log.info("%s: returned to the queue (stop requested)", claim.job_id)
+            log.info("%s: returned to the queue (this runner stops)", claim.job_id)
         except LeaseLost:
             pass
 

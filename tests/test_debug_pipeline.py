@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, drain
 from vtab import yamlio
 from vtab.evaluation.digits import write_digits
 from vtab.workarea import CRASHED, FINISHED, RUNNING, SUMMARIZED, WAITING, WorkArea
@@ -58,3 +58,18 @@ def test_two_runners_drain_the_debug_pipeline(tmp_path: Path) -> None:
     assert table.returncode == 0, table.stderr
     assert "digits" in table.stdout
     assert f"{100 * digits['result']:.1f}" in table.stdout
+
+
+def test_a_missing_data_root_crashes_each_run_naming_the_key(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VTAB1K_ROOT", str(tmp_path / "nowhere"))
+    area = WorkArea(tmp_path / "work")
+    shutil.copy(REPO / "pipelines" / "debug" / "debug.yaml", area.root)
+    assert drain(area) == 0
+    crashed = area.listing(CRASHED)
+    assert len(crashed) == 4  # the four tuning runs; nothing after them could start
+    for path in crashed:
+        error = yamlio.load_mapping(path)["error"]
+        assert error["key"] == "data.root"
+        assert path.name in error["message"] and "nowhere" in error["message"]
+    assert {p.stem for p in area.listing(WAITING)} == {"debug", "debug__digits"}

@@ -216,13 +216,14 @@ class Runner:
             except (OSError, VtabError):
                 continue
             missing = missing_children(doc, self.area)
-            where = {c: self.area.locate(c, doc.get("pipeline")) for c in missing}
-            crashed = [c for c, p in where.items() if p is not None and p.parent.name == CRASHED]
-            lost = [c for c, p in where.items() if p is None]
-            log.warning("%s waits for %d jobs that will not finish by themselves "
-                        "(crashed: %s; missing: %s); move crashed jobs back into %s to retry",
-                        path.name, len(missing), ", ".join(crashed) or "none",
-                        ", ".join(lost) or "none", self.area.root)
+            folders: dict[str, list[str]] = {}
+            for child in missing:
+                found = self.area.locate(child, doc.get("pipeline"))
+                folders.setdefault(found.parent.name if found else "missing", []).append(child)
+            detail = "; ".join(f"{name}: {', '.join(ids)}" for name, ids in sorted(folders.items()))
+            log.warning("%s waits for %d jobs that will not finish by themselves (%s); move "
+                        "crashed jobs back into %s to retry", path.name, len(missing), detail,
+                        self.area.root)
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         self.stop_signal = signum

@@ -21,6 +21,7 @@ from typing import Any
 from vtab import yamlio
 from vtab.config import get_path, set_path, typed
 from vtab.errors import ConfigError, VtabError
+from vtab.faults import crash_point
 from vtab.pipeline import PROCESSORS, Finish, StageContext
 from vtab.workarea import SUMMARIZED, WorkArea
 
@@ -133,6 +134,7 @@ def _move_tree(area: WorkArea, root: Mapping[str, Any], folder: Path) -> None:
         pending.extend(c for ids in (child.get("forks") or {}).values() for c in ids)
         if path.parent != jobs:
             os.replace(path, jobs / path.name)
+            crash_point()
     outputs = area.root / "outputs" / root["pipeline"]
     if outputs.is_dir():
         (folder / "outputs").mkdir(parents=True, exist_ok=True)

@@ -33,6 +33,7 @@ from typing import Any
 
 from vtab import yamlio
 from vtab.errors import ConfigError
+from vtab.faults import crash_point
 
 RUNNING, WAITING, FINISHED, CRASHED, SUMMARIZED = (
     "running", "waiting", "finished", "crashed", "summarized")
@@ -113,20 +114,30 @@ class WorkArea:
         return [directory / name for name in _yaml_names(directory)]
 
     def locate(self, job_id: str, pipeline: str | None = None) -> Path | None:
-        """Where the job with `job_id` is now, or None if nowhere."""
+        """Where the job with `job_id` is now, or None if nowhere.
+
+        Folders are searched in the order a job passes through them, so a job moving
+        forward during the search is still found; a second pass catches one moving back.
+        """
+        for _ in range(2):
+            found = self._find(job_id, pipeline)
+            if found is not None:
+                return found
+        return None
+
+    def _find(self, job_id: str, pipeline: str | None) -> Path | None:
         name = job_id + SUFFIX
-        for path in (self.root / FINISHED / name, self.root / name, self.root / WAITING / name,
+        if (self.root / name).exists():
+            return self.root / name
+        held = next(self.root.joinpath(RUNNING).glob(f"{glob_escape(job_id)}@*{SUFFIX}"), None)
+        if held is not None:
+            return held
+        for path in (self.root / WAITING / name, self.root / FINISHED / name,
                      self.root / CRASHED / name):
             if path.exists():
                 return path
-        held = next(iter(self.root.joinpath(RUNNING).glob(f"{glob_escape(job_id)}@*{SUFFIX}")),
-                    None)
-        if held is not None:
-            return held
-        if pipeline is not None:
-            summarized = self.summarized_jobs(pipeline) / name
-            if summarized.exists():
-                return summarized
+        if pipeline is not None and (self.summarized_jobs(pipeline) / name).exists():
+            return self.summarized_jobs(pipeline) / name
         return None
 
     def end_folder(self, relative: object) -> Path:
@@ -160,6 +171,7 @@ class WorkArea:
         if self.locate(job_id, content.get("pipeline")) is not None:
             return False
         yamlio.write_mapping(self.root / (job_id + SUFFIX), content)
+        crash_point()
         return True
 
     # -- claiming ----------------------------------------------------------
@@ -183,6 +195,7 @@ class WorkArea:
             os.rename(path, target)
         except FileNotFoundError:
             return None
+        crash_point()
         claim = Claim(job_id, target, token)
         with contextlib.suppress(LeaseLost):
             self.heartbeat(claim)  # a claimed file's stamp must move even if it was renamed old
@@ -200,17 +213,21 @@ class WorkArea:
     def write(self, claim: Claim, content: dict[str, Any]) -> None:
         """Replace the claimed job's content, if the claim is still ours."""
         self.heartbeat(claim)
+        crash_point()
         yamlio.write_mapping(claim.path, content)
+        crash_point()
 
     def move(self, claim: Claim, folder: str | Path, job_id: str | None = None) -> Path:
         """End the claim by renaming the claim file into `folder` (a name or a path)."""
         directory = self.root / folder if isinstance(folder, str) else folder
         directory.mkdir(parents=True, exist_ok=True)
         target = directory / ((job_id or claim.job_id) + SUFFIX)
+        crash_point()
         try:
             os.rename(claim.path, target)
         except FileNotFoundError:
             raise LeaseLost(claim.job_id) from None
+        crash_point()
         return target
 
     def requeue(self, claim: Claim, job_id: str | None = None) -> Path:

@@ -45,6 +45,7 @@ from vtab.workarea import (
     Claim,
     LeaseLost,
     LeaseWatcher,
+    StorageError,
     WorkArea,
     is_valid_id,
 )
@@ -72,6 +73,8 @@ class RunnerSettings:
     cache_dir: Path | None = None
     max_grid_points: int = DEFAULT_MAX_GRID_POINTS
     progress: bool = True
+    storage_backoff: float = 5.0  # seconds to wait after a failed write, doubled each time
+    storage_failures: int = 5  # consecutive failed writes after which the runner stops
     host: str = field(default_factory=socket.gethostname)
 
     @property
@@ -136,6 +139,7 @@ class Runner:
         self.stop_signal: int | None = None
         self.abandoned = False
         self.broken: str | None = None  # why this runner cannot run jobs at all
+        self._storage_failures = 0
         self._interruptible = False
         self._last_sweep = 0.0
         self.jobs_done = 0
@@ -175,7 +179,7 @@ class Runner:
             if limit is not None and time.monotonic() - idle_since > limit:
                 log.info("idle for %.0f s (limit %.0f s); exiting", limit, limit)
                 break
-            time.sleep(self.settings.poll_interval)
+            self._pause(self.settings.poll_interval)
         if self.broken is not None:
             log.error("this runner cannot run jobs, stopping: %s", self.broken)
             return 2
@@ -189,7 +193,11 @@ class Runner:
         moved = False
         if time.monotonic() - self._last_sweep >= self.settings.sweep_interval:
             moved = self.sweep()
-        claim = self.area.claim_next() if self.stop_signal is None else None
+        try:
+            claim = self.area.claim_next() if self.stop_signal is None else None
+        except StorageError as exc:
+            self._storage_trouble(None, exc)
+            return False
         if claim is None:
             return moved
         self.claims += 1
@@ -248,19 +256,63 @@ class Runner:
                 self.broken = str(exc)
                 self._give_back(claim, doc)
             except LeaseLost:
-                log.warning("%s was taken over by another runner; dropping this copy",
-                            claim.job_id)
+                self._lost(claim, doc)
             except VtabError as exc:
                 self._crash(claim, doc, exc)
+            except StorageError:
+                raise  # not the job's fault: handled below
             except Exception as exc:
                 self._retry_or_crash(claim, doc, exc)
         except StopRequested:
             raise
+        except StorageError as exc:
+            self._storage_trouble(claim, exc)
         except Exception as exc:  # the job's error could not be recorded in its yaml
             log.exception("%s: recording the error failed", claim.job_id)
             self._crash_unreadable(claim, exc)
+        else:
+            self._storage_failures = 0
         finally:
             self.heartbeat.drop(claim)
+
+    def _lost(self, claim: Claim, doc: dict[str, Any] | None) -> None:
+        """The claim file is gone: taken over by another runner, or deleted by hand."""
+        job_id = doc["id"] if doc is not None else claim.job_id
+        if doc is None or self.area.locate(job_id, doc.get("pipeline")) is not None:
+            log.warning("%s was taken over by another runner; dropping this copy", job_id)
+            return
+        doc["error"] = self._error_record(
+            VtabError(f"the job's file {claim.path} was deleted while this runner held it; "
+                      "its last state is kept here"), claim, doc)
+        doc.pop("lease", None)
+        yamlio.write_mapping(self.area.folder(CRASHED) / (job_id + SUFFIX), doc)
+        log.error("%s: its file was deleted while running; saved to crashed/", job_id)
+
+    def _storage_trouble(self, claim: Claim | None, exc: StorageError) -> None:
+        """The work area cannot be written: leave the job as it was last written, back off.
+
+        The job goes back to the queue by a rename (which needs no free space) with the
+        content of its last successful write, so nothing is lost; it is retried when the
+        storage recovers. After several failures in a row the runner stops.
+        """
+        self._storage_failures += 1
+        log.error("storage problem (%d in a row): %s", self._storage_failures, exc)
+        if claim is not None:
+            try:
+                self.area.requeue(claim)
+            except (LeaseLost, StorageError) as again:
+                log.error("%s stays in running/ (its lease will expire): %s", claim.job_id,
+                          again)
+        if self._storage_failures >= self.settings.storage_failures:
+            self.broken = f"{self._storage_failures} storage failures in a row, the last: {exc}"
+            return
+        self._pause(self.settings.storage_backoff * 2 ** (self._storage_failures - 1))
+
+    def _pause(self, seconds: float) -> None:
+        """Sleep, but wake up for a stop signal."""
+        deadline = time.monotonic() + seconds
+        while self.stop_signal is None and (left := deadline - time.monotonic()) > 0:
+            time.sleep(min(left, 0.1))
 
     def _open(self, claim: Claim) -> dict[str, Any] | None:
         """Read and check a claimed job, count the attempt; None if it was crashed."""

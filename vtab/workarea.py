@@ -27,6 +27,7 @@ import random
 import re
 import secrets
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,20 @@ _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._=+,-]{0,199}")
 
 class LeaseLost(Exception):
     """The claim file is gone: another runner took the job over."""
+
+
+class StorageError(Exception):
+    """A write or rename in the work area failed (full disk, no permission, I/O error)."""
+
+
+@contextlib.contextmanager
+def _storage(action: str, path: Path) -> Iterator[None]:
+    try:
+        yield
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise StorageError(f"cannot {action} {path}: {exc.strerror or exc}") from exc
 
 
 def is_valid_id(job_id: str) -> bool:
@@ -170,7 +185,9 @@ class WorkArea:
         """
         if self.locate(job_id, content.get("pipeline")) is not None:
             return False
-        yamlio.write_mapping(self.root / (job_id + SUFFIX), content)
+        target = self.root / (job_id + SUFFIX)
+        with _storage("write", target):
+            yamlio.write_mapping(target, content)
         crash_point()
         return True
 
@@ -192,7 +209,8 @@ class WorkArea:
         job_id = _id_of(path)
         target = self.root / RUNNING / f"{job_id}@{token}{SUFFIX}"
         try:
-            os.rename(path, target)
+            with _storage("claim", path):
+                os.rename(path, target)
         except FileNotFoundError:
             return None
         crash_point()
@@ -214,17 +232,19 @@ class WorkArea:
         """Replace the claimed job's content, if the claim is still ours."""
         self.heartbeat(claim)
         crash_point()
-        yamlio.write_mapping(claim.path, content)
+        with _storage("write", claim.path):
+            yamlio.write_mapping(claim.path, content)
         crash_point()
 
     def move(self, claim: Claim, folder: str | Path, job_id: str | None = None) -> Path:
         """End the claim by renaming the claim file into `folder` (a name or a path)."""
         directory = self.root / folder if isinstance(folder, str) else folder
-        directory.mkdir(parents=True, exist_ok=True)
         target = directory / ((job_id or claim.job_id) + SUFFIX)
         crash_point()
         try:
-            os.rename(claim.path, target)
+            with _storage("move a job to", target):
+                directory.mkdir(parents=True, exist_ok=True)
+                os.rename(claim.path, target)
         except FileNotFoundError:
             raise LeaseLost(claim.job_id) from None
         crash_point()
@@ -233,14 +253,6 @@ class WorkArea:
     def requeue(self, claim: Claim, job_id: str | None = None) -> Path:
         return self.move(claim, self.root, job_id)
 
-    def take_over(self, stale: Path) -> Claim | None:
-        """Claim a stale claim file (a runner that stopped heartbeating)."""
-        return self.claim(stale)
-
-    def discard_partial_write(self, claim: Claim) -> None:
-        """Remove the claim file of a job whose content was never valid."""
-        with contextlib.suppress(FileNotFoundError):
-            claim.path.unlink()
 
 
 def glob_escape(text: str) -> str:

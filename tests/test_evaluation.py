@@ -75,8 +75,9 @@ def make_dataset(root: Path, lines: str, split: str = "train800") -> Path:
 ])
 def test_bad_split_line_names_file_and_line(tmp_path: Path, lines: str, problem: str) -> None:
     folder = make_dataset(tmp_path, lines)
-    with pytest.raises(DataError) as caught:
+    with pytest.raises(ConfigError) as caught:
         open_split(tmp_path, "toy", "train800", key="data.train_split")
+    assert caught.value.key == "data.train_split"
     assert f"{folder / 'train800.txt'}:2:" in str(caught.value)
     assert problem in str(caught.value)
 

@@ -79,9 +79,14 @@ def open_split(root: Path, dataset: str, split: str, *, key: str) -> Split:
         raise ConfigError(key, f"split file {file.absolute()} does not exist "
                                f"(split files there: {', '.join(present) or 'none'})")
     data = file.read_bytes()
-    entries = parse_split_text(data.decode("utf-8"), file)
+    try:
+        entries = parse_split_text(data.decode("utf-8"), file)
+    except UnicodeDecodeError as exc:
+        raise ConfigError(key, f"split file {file}: not UTF-8 text (offset {exc.start})") from None
+    except DataError as exc:  # a bad line: name the key that chose this split file too
+        raise ConfigError(key, f"split file {exc}") from None
     if not entries:
-        raise DataError(f"{file}: has no entries")
+        raise ConfigError(key, f"split file {file} has no entries")
     return Split(dataset, split, folder, file, hashlib.sha256(data).hexdigest(), tuple(entries))
 
 

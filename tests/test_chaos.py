@@ -11,6 +11,7 @@ VTAB_CHAOS_CRASH_PROBABILITY (default 0.01 per protocol step).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -25,6 +26,7 @@ import pytest
 
 from tests.conftest import REPO, drain, queue, toy_pipeline
 from vtab import yamlio
+from vtab.errors import VtabError
 from vtab.workarea import CRASHED, FINISHED, RUNNING, SUMMARIZED, WAITING, WorkArea
 
 SEEDS = int(os.environ.get("VTAB_CHAOS_SEEDS", "3"))
@@ -49,6 +51,15 @@ def _start(area: WorkArea, crash_probability: str) -> subprocess.Popen[bytes]:
         stderr=subprocess.DEVNULL)
 
 
+def _holders(area: WorkArea) -> set[int]:
+    """Process ids of the runners that hold a claim right now (from the leases)."""
+    pids = set()
+    for path in area.listing(RUNNING):
+        with contextlib.suppress(OSError, VtabError, KeyError, TypeError):
+            pids.add(yamlio.load_mapping(path)["lease"]["pid"])
+    return pids
+
+
 def _run_with_chaos(area: WorkArea, seed: int) -> int:
     """Keep RUNNERS runners alive, SIGKILL one at random moments; return the kills made."""
     rng = random.Random(seed)
@@ -59,11 +70,13 @@ def _run_with_chaos(area: WorkArea, seed: int) -> int:
     while not summary.exists():
         assert time.monotonic() < deadline, "the pipeline did not finish under chaos"
         time.sleep(rng.uniform(0.02, 0.3))
-        if kills < KILLS:
-            victim = rng.choice(runners)
-            if victim.poll() is None:
-                victim.send_signal(signal.SIGKILL)
-                kills += 1
+        live = [r for r in runners if r.poll() is None]
+        holding = [r for r in live if r.pid in _holders(area)]
+        if kills < KILLS and live:
+            # Half the kills aim at a runner holding a job, so that some surely land mid-job.
+            victim = rng.choice(holding if holding and rng.random() < 0.5 else live)
+            victim.send_signal(signal.SIGKILL)
+            kills += 1
         # Replace every runner that died (killed from outside or by a crash point).
         runners = [r if r.poll() is None or r.returncode == 0 else _start(area, CRASH_PROBABILITY)
                    for r in runners]

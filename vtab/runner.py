@@ -9,6 +9,7 @@ job in hand to the queue at once.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -18,6 +19,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType
@@ -208,10 +210,13 @@ class Runner:
         """Return stale claims to the queue and release waiting jobs whose children are done."""
         self._last_sweep = time.monotonic()
         moved = False
-        for stale in self.watcher.stale(self.area.folder(RUNNING), self.heartbeat.tokens()):
-            moved |= self.recover(stale)
-        for path in self.area.listing(WAITING):
-            moved |= self.try_release(path.name[: -len(SUFFIX)])
+        try:
+            for stale in self.watcher.stale(self.area.folder(RUNNING), self.heartbeat.tokens()):
+                moved |= self.recover(stale)
+            for path in self.area.listing(WAITING):
+                moved |= self.try_release(path.name[: -len(SUFFIX)])
+        except StorageError as exc:  # a claim taken here stays in running/ until its lease ends
+            self._storage_trouble(None, exc)
         return moved
 
     def _drained(self) -> bool:
@@ -243,35 +248,43 @@ class Runner:
 
     def process(self, claim: Claim) -> None:
         """Drive a claimed job as far as it goes; never let it kill the runner."""
-        self.heartbeat.hold(claim)
+        with self._holding(claim):
+            try:
+                self._drive(claim)
+            except StorageError as exc:
+                self._storage_trouble(claim, exc)
+            except Exception as exc:  # the job's error could not be recorded in its yaml
+                log.exception("%s: recording the error failed", claim.job_id)
+                self._crash_unreadable(claim, exc)
+            else:
+                self._storage_failures = 0
+
+    def _drive(self, claim: Claim) -> None:
         doc: dict[str, Any] | None = None
         try:
-            try:
-                doc = self._open(claim)
-                if doc is not None:
-                    self._run_stages(claim, doc)
-            except StopRequested:
-                self._give_back(claim, doc)
-            except RunnerEnvironmentError as exc:
-                self.broken = str(exc)
-                self._give_back(claim, doc)
-            except LeaseLost:
-                self._lost(claim, doc)
-            except VtabError as exc:
-                self._crash(claim, doc, exc)
-            except StorageError:
-                raise  # not the job's fault: handled below
-            except Exception as exc:
-                self._retry_or_crash(claim, doc, exc)
+            doc = self._open(claim)
+            if doc is not None:
+                self._run_stages(claim, doc)
         except StopRequested:
-            raise
-        except StorageError as exc:
-            self._storage_trouble(claim, exc)
-        except Exception as exc:  # the job's error could not be recorded in its yaml
-            log.exception("%s: recording the error failed", claim.job_id)
-            self._crash_unreadable(claim, exc)
-        else:
-            self._storage_failures = 0
+            self._give_back(claim, doc)
+        except RunnerEnvironmentError as exc:
+            self.broken = str(exc)
+            self._give_back(claim, doc)
+        except LeaseLost:
+            self._lost(claim, doc)
+        except VtabError as exc:
+            self._crash(claim, doc, exc)
+        except StorageError:
+            raise  # not the job's fault: the caller keeps the job and backs off
+        except Exception as exc:
+            self._retry_or_crash(claim, doc, exc)
+
+    @contextlib.contextmanager
+    def _holding(self, claim: Claim) -> Iterator[None]:
+        """Heartbeat `claim` while the block runs."""
+        self.heartbeat.hold(claim)
+        try:
+            yield
         finally:
             self.heartbeat.drop(claim)
 
@@ -301,8 +314,8 @@ class Runner:
             try:
                 self.area.requeue(claim)
             except (LeaseLost, StorageError) as again:
-                log.error("%s stays in running/ (its lease will expire): %s", claim.job_id,
-                          again)
+                log.error("could not return %s to the queue (its lease will expire): %s",
+                          claim.job_id, again)
         if self._storage_failures >= self.settings.storage_failures:
             self.broken = f"{self._storage_failures} storage failures in a row, the last: {exc}"
             return
@@ -409,7 +422,10 @@ class Runner:
         claim = self.area.claim(path)
         if claim is None:
             return False
-        self.heartbeat.hold(claim)
+        with self._holding(claim):
+            return self._release(claim)
+
+    def _release(self, claim: Claim) -> bool:
         try:
             doc = self.area.read(claim)
             if missing_children(doc, self.area):
@@ -426,18 +442,21 @@ class Runner:
             return True
         except LeaseLost:
             return False
+        except StorageError:
+            raise
         except Exception as exc:
             self._crash(claim, None, exc)
             return True
-        finally:
-            self.heartbeat.drop(claim)
 
     def recover(self, stale: Path) -> bool:
         """Take over a claim whose runner stopped heartbeating and queue it again."""
         claim = self.area.claim(stale)
         if claim is None:
             return False
-        self.heartbeat.hold(claim)
+        with self._holding(claim):
+            return self._requeue_lost(claim)
+
+    def _requeue_lost(self, claim: Claim) -> bool:
         try:
             doc = self.area.read(claim)
             lease = doc.pop("lease", {}) or {}
@@ -454,8 +473,6 @@ class Runner:
             return False
         except (OSError, VtabError):
             self.area.requeue(claim)  # unreadable content: give it back as it is
-        finally:
-            self.heartbeat.drop(claim)
         return True
 
     # -- endings -------------------------------------------------------------------------------

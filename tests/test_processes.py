@@ -99,3 +99,21 @@ def test_a_killed_runners_job_is_finished_by_the_next_runner(area: WorkArea,
     assert done["errors"][0]["type"] == "LeaseExpired"
     assert len(log.read_text().splitlines()) == 1  # the killed body never completed
     assert area.listing(RUNNING) == []
+
+
+def test_each_runner_is_pinned_to_its_device(area: WorkArea, tmp_path: Path) -> None:
+    for index in range(30):
+        queue(area, {"current_stage": "run", "config": {"sleep": {"seconds": 0.3}},
+                     "stages": {"run": {"hyperparams": {"kind": "sleep"}}}},
+              f"job{index:02d}.yaml")
+    runner = start_runner(area, "--devices", "3,5,cpu")
+    output, _ = runner.communicate(timeout=120)
+    assert runner.returncode == 0, output
+    seen = set()
+    for path in area.listing(FINISHED):
+        info = yamlio.load_mapping(path)["provenance"]
+        pinned = info["runner"].split(":")[2].split("#")[0]  # host:pid:device#index
+        seen.add(pinned)
+        assert info["cuda_visible_devices"] == ("" if pinned == "cpu" else pinned)
+        assert info["device"] == ("cpu" if pinned == "cpu" else "cuda")
+    assert seen == {"3", "5", "cpu"}

@@ -198,3 +198,16 @@ def test_a_runner_with_a_broken_installation_stops_and_gives_the_job_back(
     assert area.listing(CRASHED) == [] and area.listing(RUNNING) == []
     assert len(area.queued()) == 2  # neither job was crashed for the runner's fault
     assert all(yamlio.load_mapping(p).get("attempts", 0) == 0 for p in area.queued())
+
+
+def test_a_name_is_reused_only_to_rerun_the_same_finished_pipeline(area: WorkArea) -> None:
+    queue(area, {"name": "p", **_single("sleep", sleep={"result": 0.25})}, "first.yaml")
+    assert drain(area) == 0
+    queue(area, {"name": "p", **_single("sleep", sleep={"result": 0.25})}, "again.yaml")
+    queue(area, {"name": "p", **_single("sleep", sleep={"result": 0.75})}, "other.yaml")
+    assert drain(area) == 0
+    assert yamlio.load_mapping(area.folder(FINISHED) / "p.yaml")["result"] == 0.25
+    (crashed,) = area.listing(CRASHED)
+    error = yamlio.load_mapping(crashed)["error"]
+    assert error["key"] == "name" and "another pipeline" in error["message"]
+    assert "other.yaml" in error["message"] and "finished/p.yaml" in error["message"]

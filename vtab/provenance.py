@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import platform
 import socket
 import subprocess
@@ -41,7 +42,8 @@ def _git(repo: Path, *args: str) -> str:
 def environment(device: str) -> dict[str, Any]:
     """Versions and hardware; torch is imported here only for jobs that use it."""
     info: dict[str, Any] = {"host": socket.gethostname(), "python": platform.python_version(),
-                            "code_version": code_version(), "device": device}
+                            "code_version": code_version(), "device": device,
+                            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
     torch = sys.modules.get("torch")
     if torch is not None:
         info["torch"] = str(torch.__version__)

@@ -41,6 +41,7 @@ from vtab.pipeline import (
 )
 from vtab.workarea import (
     CRASHED,
+    FINISHED,
     RUNNING,
     SUFFIX,
     WAITING,
@@ -341,6 +342,7 @@ class Runner:
             validate(doc)
         else:
             doc = prepare_root(doc, claim.job_id)
+            self._check_name_is_free(claim, doc)
         if "error" in doc:  # moved back from crashed/ by hand: a fresh series of attempts
             doc.setdefault("previous_errors", []).append(doc.pop("error"))
             doc["attempts"] = 0
@@ -352,6 +354,27 @@ class Runner:
                             f"{doc['current_stage']!r}; the errors are under 'errors'")
         self.area.write(claim, doc)
         return doc
+
+    def _check_name_is_free(self, claim: Claim, root: dict[str, Any]) -> None:
+        """A new pipeline may reuse a name only to re-run the same, finished pipeline.
+
+        Job ids derive from the name, so two different pipelines (or two copies in flight)
+        under one name would overwrite each other's jobs.
+        """
+        other = self.area.locate(root["id"], root["pipeline"])
+        if other is None or other == claim.path:
+            return
+        try:
+            same = {k: yamlio.load_mapping(other).get(k) for k in ("config", "stages")} == {
+                k: root[k] for k in ("config", "stages")}
+        except (OSError, VtabError):
+            same = False
+        done = other.parent.name in (FINISHED, "jobs")
+        if not (same and done):
+            what = "this pipeline, still in flight," if same else "another pipeline"
+            raise ConfigError("name", f"{root['id']!r} already names {what} in this work area "
+                                      f"({other.relative_to(self.area.root)}); give this one "
+                                      "another name")
 
     def _run_stages(self, claim: Claim, doc: dict[str, Any]) -> None:
         if "finished_in" in doc or "waiting_for" in doc:

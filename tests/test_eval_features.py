@@ -13,13 +13,14 @@ import pytest
 import torch
 
 from vtab.evaluation.backbones import create_backbone
-from vtab.evaluation.data import ImageSplit, open_split
+from vtab.evaluation.data import ImageSplit, Split, open_split
 from vtab.evaluation.features import (
     FeatureCache,
     FeatureSet,
     TransformSpec,
     cache_fields,
     extract_features,
+    extract_reusing,
     resolve_precision,
 )
 
@@ -128,6 +129,32 @@ def test_extraction_matches_a_direct_forward(digits_root: Path) -> None:
     fields = cache_fields({"name": "resnet18"}, transform, split, "fp32")
     assert fields["data"] == {"dataset": "digits", "split": "val200", "split_sha256": split.sha256}
     assert fields["transform"]["image_size"] == 32
+
+
+def test_extraction_reuses_rows_of_donor_sets_and_forwards_the_rest(digits_root: Path) -> None:
+    split = open_split(digits_root, "digits", "train800val200", key="data.train_split")
+    split = split.subset([0, 1, 2, 800, 801])  # three train800 images, two val200 images
+    backbone = create_backbone({"backbone": {"name": "resnet18"}})
+    transform = TransformSpec(32)
+    asked: list[list[str]] = []
+
+    def extract(part: Split) -> FeatureSet:
+        asked.append(part.paths)
+        found = extract_features(backbone.model, part, transform)
+        found.meta = {"missing_keys": 0}
+        return found
+
+    direct = extract(split)
+    donor = extract(split.subset([1, 0]))  # another split holding two of the images
+    asked.clear()
+    found = extract_reusing(split, [donor], extract)
+    assert asked == [[split.paths[i] for i in (2, 3, 4)]]  # only the images the donor lacks
+    assert found.meta == {"missing_keys": 0, "forwarded": 3, "reused": 2}
+    assert found.paths == split.paths and torch.equal(found.labels, direct.labels)
+    torch.testing.assert_close(found.features, direct.features)
+
+    assert extract_reusing(split, [found], extract).meta["forwarded"] == 0
+    assert len(asked) == 1  # nothing left to forward
 
 
 def test_precision_auto_depends_on_device() -> None:

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 
@@ -17,6 +18,7 @@ from vtab.errors import ConfigError, DataError
 from vtab.evaluation import probe
 from vtab.evaluation.data import ImageSplit, num_classes, open_split, read_split_file
 from vtab.evaluation.digits import SIZES, write_digits
+from vtab.evaluation.features import FeatureCache, extract_features
 from vtab.evaluation.probe import run_linear_probe
 
 
@@ -149,6 +151,8 @@ def test_linear_probe_end_to_end(digits_root: Path, tmp_path: Path,
     assert first["backbone"] == {"weights_id": "random-seed0", "missing_keys": 0,
                                  "unexpected_keys": 0}
     assert not first["features"]["train"]["cached"] and not first["features"]["eval"]["cached"]
+    assert (first["features"]["train"]["forwarded"], first["features"]["eval"]["forwarded"]) == (
+        800, 200)
     assert yaml.safe_load(yaml.safe_dump(first)) == first  # plain values only
 
     with open(tmp_path / "out" / "val200_predictions.csv") as handle:
@@ -163,9 +167,37 @@ def test_linear_probe_end_to_end(digits_root: Path, tmp_path: Path,
 
     monkeypatch.setattr(probe, "build_backbone", no_build)
     second = run_linear_probe(config, cache_dir=tmp_path / "cache", progress=False)
-    assert second["features"]["train"] == {**first["features"]["train"], "cached": True}
-    assert second["features"]["eval"] == {**first["features"]["eval"], "cached": True}
+    for role in ("train", "eval"):
+        assert second["features"][role] == {**first["features"][role], "cached": True,
+                                            "forwarded": 0}
     assert second["metrics"] == first["metrics"]  # deterministic on CPU
+
+
+def test_each_image_is_forwarded_once_over_the_protocol(digits_root: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    forwarded: list[str] = []
+
+    def counting(model: Any, split: Any, *args: Any, **kwargs: Any) -> Any:
+        forwarded.extend(split.paths)
+        return extract_features(model, split, *args, **kwargs)
+
+    monkeypatch.setattr(probe, "extract_features", counting)
+    final = probe_config(digits_root, **{"data.train_split": "train800val200",
+                                         "data.eval_split": "test"})
+    run_linear_probe(probe_config(digits_root), cache_dir=tmp_path / "cache", progress=False)
+    result = run_linear_probe(final, cache_dir=tmp_path / "cache", progress=False)
+    assert result["features"]["train"]["forwarded"] == 0  # all of it from train800 and val200
+    assert result["features"]["eval"]["forwarded"] == 797
+    assert sorted(forwarded) == sorted(set(forwarded)) and len(forwarded) == 1797
+
+    reused = FeatureCache(tmp_path / "cache").load(result["features"]["train"]["key"])
+    assert reused is not None and reused.meta["reused"] == 1000
+    direct = run_linear_probe(final, cache_dir=tmp_path / "fresh", progress=False)
+    assert direct["features"]["train"]["forwarded"] == 1000  # no siblings cached there
+    fresh = FeatureCache(tmp_path / "fresh").load(direct["features"]["train"]["key"])
+    assert fresh is not None and reused.paths == fresh.paths
+    torch.testing.assert_close(reused.features, fresh.features, rtol=1e-4, atol=1e-5)
+    assert torch.equal(reused.labels, fresh.labels)
 
 
 @pytest.mark.parametrize(("key", "value"), [

@@ -112,15 +112,22 @@ def test_an_unwritable_finished_folder_keeps_the_job(area: WorkArea, tmp_path: P
 
 def test_a_job_file_deleted_while_running_is_kept_in_crashed(area: WorkArea,
                                                            tmp_path: Path) -> None:
-    queue(area, _sleep_job(tmp_path / "log", seconds=1.0), "job.yaml")
+    queue(area, _sleep_job(tmp_path / "log", seconds=2.0), "job.yaml")
     runner = start_runner(area, "--devices", "cpu")
-    wait_for(lambda: area.listing(RUNNING))
+    wait_for(lambda: _lease_written(area))  # the runner has read the job: it has content to keep
     area.listing(RUNNING)[0].unlink()
     output, _ = runner.communicate(timeout=60)
     assert runner.returncode == 0, output
     crashed = yamlio.load_mapping(area.folder(CRASHED) / "job.yaml")
     assert "deleted while this runner held it" in crashed["error"]["message"]
     assert crashed["current_stage"] == "run"
+
+
+def _lease_written(area: WorkArea) -> bool:
+    try:
+        return any("lease" in yamlio.load_mapping(p) for p in area.listing(RUNNING))
+    except OSError:  # renamed between the listing and the read
+        return False
 
 
 def test_the_feature_cache_on_a_full_disk_fails_the_job_with_the_reason(

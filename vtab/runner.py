@@ -291,8 +291,12 @@ class Runner:
 
     def _lost(self, claim: Claim, doc: dict[str, Any] | None) -> None:
         """The claim file is gone: taken over by another runner, or deleted by hand."""
-        job_id = doc["id"] if doc is not None else claim.job_id
-        if doc is None or self.area.locate(job_id, doc.get("pipeline")) is not None:
+        if doc is None:
+            log.warning("%s: its file vanished before this runner read it (taken over by another "
+                        "runner or deleted by hand); nothing to keep", claim.job_id)
+            return
+        job_id = doc["id"]
+        if self.area.locate(job_id, doc.get("pipeline")) is not None:
             log.warning("%s was taken over by another runner; dropping this copy", job_id)
             return
         doc["error"] = self._error_record(

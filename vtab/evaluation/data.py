@@ -6,16 +6,17 @@ surfaces as an error naming the file and line instead of as a silently smaller d
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from vtab.errors import ConfigError, DataError
+from vtab.errors import ConfigError, DataError, VtabError
 
 SPLITS: tuple[str, ...] = ("train800", "val200", "train800val200", "test")
 # Line counts fixed by the VTAB-1K protocol; test sizes differ per dataset.
@@ -62,6 +63,10 @@ class Split:
     def labels(self) -> list[int]:
         return [label for _, label in self.entries]
 
+    def subset(self, indices: Sequence[int]) -> Split:
+        """The entries at `indices`, in that order (for extraction; `sha256` stays the file's)."""
+        return replace(self, entries=tuple(self.entries[i] for i in indices))
+
 
 def _require_folder(path: Path, key: str, what: str) -> None:
     if not path.is_dir():
@@ -88,6 +93,17 @@ def open_split(root: Path, dataset: str, split: str, *, key: str) -> Split:
     if not entries:
         raise ConfigError(key, f"split file {file} has no entries")
     return Split(dataset, split, folder, file, hashlib.sha256(data).hexdigest(), tuple(entries))
+
+
+def sibling_splits(split: Split) -> list[Split]:
+    """The other standard splits of `split`'s dataset; ones that are absent or broken are left out
+    (they are not this job's input, so their errors belong to the jobs that read them)."""
+    siblings = []
+    for name in SPLITS:
+        if name != split.name:
+            with contextlib.suppress(VtabError, OSError):
+                siblings.append(open_split(split.folder.parent, split.dataset, name, key=name))
+    return siblings
 
 
 def num_classes(splits: Iterable[Split]) -> int:

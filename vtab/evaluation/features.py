@@ -15,7 +15,7 @@ import json
 import logging
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,6 +108,37 @@ def extract_features(model: nn.Module, split: Split, transform: TransformSpec, *
     features = torch.empty_like(stacked)
     features[torch.cat(indices)] = stacked
     return FeatureSet(features, torch.tensor(split.labels, dtype=torch.int64), split.paths)
+
+
+def extract_reusing(split: Split, donors: Iterable[FeatureSet],
+                    extract: Callable[[Split], FeatureSet]) -> FeatureSet:
+    """Features of `split`, copying the rows of images that `donors` already hold.
+
+    Donors must come from the same backbone, transform and precision (other splits of the same
+    dataset, say train800 and val200 for train800val200), so that each image goes through the
+    backbone once for the whole protocol. Only the other images are passed to `extract`.
+    ``meta`` counts the images ``forwarded`` and ``reused``.
+    """
+    known: dict[str, torch.Tensor] = {}
+    meta: dict[str, Any] = {}
+    for donor in donors:
+        meta = meta or dict(donor.meta)
+        for path, row in zip(donor.paths, donor.features, strict=True):
+            known.setdefault(path, row)
+    missing = [index for index, path in enumerate(split.paths) if path not in known]
+    if len(missing) == len(split.entries):
+        result = extract(split)
+    else:
+        rows = [known.get(path) for path in split.paths]
+        if missing:
+            computed = extract(split.subset(missing))
+            meta = dict(computed.meta)
+            for row, index in zip(computed.features, missing, strict=True):
+                rows[index] = row
+        result = FeatureSet(torch.stack(rows), torch.tensor(split.labels, dtype=torch.int64),
+                            split.paths, meta)
+    result.meta.update(forwarded=len(missing), reused=len(split.entries) - len(missing))
+    return result
 
 
 class FeatureCache:

@@ -14,7 +14,7 @@ import torch
 from vtab.config import choice, integer, number, typed
 from vtab.errors import ConfigError
 from vtab.evaluation.backbones import BackboneSpec, build_backbone, resolve_backbone
-from vtab.evaluation.data import Split, num_classes, open_split
+from vtab.evaluation.data import Split, num_classes, open_split, sibling_splits
 from vtab.evaluation.features import (
     PRECISIONS,
     FeatureCache,
@@ -22,6 +22,7 @@ from vtab.evaluation.features import (
     TransformSpec,
     cache_fields,
     extract_features,
+    extract_reusing,
     resolve_precision,
 )
 from vtab.evaluation.heads import FEATURE_NORMS, OPTIMIZERS, HeadSpec, predict, train_linear_heads
@@ -81,13 +82,20 @@ class ProbeConfig:
 def _features(cfg: ProbeConfig, spec: BackboneSpec, splits: dict[str, Split], cache_dir: Path,
               device: str, num_workers: int,
               progress: bool) -> tuple[dict[str, FeatureSet], dict[str, dict[str, Any]]]:
-    """Features of each split through the cache; the backbone is built on the first miss only."""
+    """Features of each split through the cache; the backbone is built on the first forward only.
+
+    A split that is not cached yet takes the rows of its images from cached sibling splits
+    (train800val200 from train800 and val200), so an image is forwarded once per protocol.
+    """
     cache = FeatureCache(cache_dir)
     transform = TransformSpec(cfg.image_size)
     precision = resolve_precision(cfg.precision, device)
     backbone = functools.cache(functools.partial(build_backbone, spec))
 
-    def compute(split: Split) -> FeatureSet:
+    def fields(split: Split) -> dict[str, Any]:
+        return cache_fields(spec.identity(), transform, split, precision)
+
+    def extract(split: Split) -> FeatureSet:
         built = backbone()
         found = extract_features(built.model, split, transform, batch_size=cfg.feature_batch_size,
                                  num_workers=num_workers, device=device, precision=precision,
@@ -95,11 +103,17 @@ def _features(cfg: ProbeConfig, spec: BackboneSpec, splits: dict[str, Split], ca
         found.meta = {"missing_keys": built.missing_keys, "unexpected_keys": built.unexpected_keys}
         return found
 
+    def compute(split: Split) -> FeatureSet:
+        wanted = set(split.paths)
+        donors = [cache.load(cache.key(fields(sibling))) for sibling in sibling_splits(split)
+                  if wanted.intersection(sibling.paths)]
+        return extract_reusing(split, [donor for donor in donors if donor is not None], extract)
+
     features, info = {}, {}
     for role, split in splits.items():
-        fields = cache_fields(spec.identity(), transform, split, precision)
-        features[role], hit = cache.get_or_compute(fields, functools.partial(compute, split))
-        info[role] = {"key": cache.key(fields), "cached": hit}
+        features[role], hit = cache.get_or_compute(fields(split), functools.partial(compute, split))
+        info[role] = {"key": cache.key(fields(split)), "cached": hit,
+                      "forwarded": 0 if hit else features[role].meta["forwarded"]}
     return features, info
 
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.conftest import toy_pipeline
-from vtab import yamlio
+from vtab import status, yamlio
 from vtab.config import resolve_env
 from vtab.errors import ConfigError
 from vtab.pipeline import (
@@ -48,6 +49,53 @@ def test_point_labels_are_readable() -> None:
     assert point_label("tune", {"optim.lr": 0.01, "seed": 3}, ["optim.lr", "seed"]) == \
         "tune__lr=0.01_seed=3"
     assert point_label("t", {"x": "a/b"}, ["x"]) == "a-b"  # never a path separator
+
+
+@pytest.mark.parametrize(("value", "text"), [
+    (0.1, "0.1"), (0.01, "0.01"), (1e-05, "1e-05"), (0.0, "0.0"), (3e-4, "0.0003"),
+    (0.1234567, "0.1234567"), (1.0000001e-05, "1.0000001e-05"), (2, "2"), (True, "true"),
+])
+def test_floats_are_written_exactly_and_shortest(value: Any, text: str) -> None:
+    assert point_label("tune", {"optim.lr": value}, ["optim.lr"]) == f"tune__lr={text}"
+
+
+@pytest.mark.parametrize("grid", [
+    {"optim.lr": [0.1, 0.1]},
+    {"dataset": ["cifar/100", "cifar-100"]},
+    {"x": [1, "1"], "seed": [0]},
+])
+def test_points_that_would_share_a_job_id_are_refused(grid: dict[str, Any]) -> None:
+    doc = prepare_root(_with_stage("tune", {"grid": grid, "child_stage": "train_val"}), "toy")
+    with pytest.raises(ConfigError, match="both name the job") as info:
+        children_of(doc, "tune", 100)
+    assert info.value.key == "stages.tune.grid"
+    (axis, values), *_ = grid.items()
+    for value in values:
+        assert repr({axis: value})[1:-1] in info.value.message  # both points are named
+
+
+def test_plan_names_colliding_points(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    doc = _with_stage("tune", {"grid": {"optim.lr": [1e-5, 1e-5]}, "child_stage": "train_val"})
+    path = tmp_path / "toy.yaml"
+    yamlio.write_mapping(path, doc)
+    assert status.main(["--plan", str(path)]) == 1
+    error = capsys.readouterr().err
+    assert "key 'stages.tune.grid'" in error and "toy__a__tune__lr=1e-05" in error
+
+
+def test_two_grids_of_one_job_cannot_fork_the_same_id(area: WorkArea) -> None:
+    doc = _root(stages={"first": {"grid": {"dataset": ["x"]}, "child_stage": "run",
+                                  "next_stage": "second"},
+                        "second": {"grid": {"variant": ["x"]}, "child_stage": "run"},
+                        "run": {"hyperparams": {"kind": "sleep"}}}, current_stage="first")
+    doc = prepare_root(doc, "toy")
+    ctx = StageContext(area=area)
+    assert isinstance(execute_stage(doc, ctx), Wait)
+    doc.pop("waiting_for")
+    doc["current_stage"] = "second"
+    with pytest.raises(ConfigError, match="stage 'first' already forked") as info:
+        execute_stage(doc, ctx)
+    assert info.value.key == "stages.second.grid"
 
 
 def _root(**changes: Any) -> dict[str, Any]:

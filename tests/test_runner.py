@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +13,7 @@ from tests.conftest import TOY_JOBS_PER_DATASET, drain, queue, toy_pipeline
 from vtab import yamlio
 from vtab.errors import RunnerEnvironmentError
 from vtab.pipeline import KINDS, StageContext
-from vtab.workarea import CRASHED, FINISHED, RUNNING, SUMMARIZED, WAITING, WorkArea
+from vtab.workarea import CRASHED, FINISHED, RUNNING, SUMMARIZED, WAITING, Claim, WorkArea
 
 CALLS: dict[str, int] = {}
 
@@ -211,3 +213,29 @@ def test_a_name_is_reused_only_to_rerun_the_same_finished_pipeline(area: WorkAre
     error = yamlio.load_mapping(crashed)["error"]
     assert error["key"] == "name" and "another pipeline" in error["message"]
     assert "other.yaml" in error["message"] and "finished/p.yaml" in error["message"]
+
+
+def test_a_stop_signal_while_a_job_is_read_stops_before_its_first_stage(
+        area: WorkArea, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    log = tmp_path / "executions.log"
+    queue(area, _single("sleep", sleep={"log": str(log)}), "job.yaml")
+    read = WorkArea.read
+
+    def read_then_signal(self: WorkArea, claim: Claim) -> dict[str, Any]:
+        os.kill(os.getpid(), signal.SIGTERM)  # lands before the stage can be interrupted
+        return read(self, claim)
+
+    monkeypatch.setattr(WorkArea, "read", read_then_signal)
+    assert drain(area) == 128 + signal.SIGTERM
+    assert [p.name for p in area.queued()] == ["job.yaml"]
+    assert not log.exists()  # the job's body never ran
+
+
+def test_a_name_reused_by_a_file_of_that_name_is_checked_too(area: WorkArea) -> None:
+    queue(area, {"name": "p", **_single("sleep", sleep={"result": 0.25})}, "p.yaml")
+    assert drain(area) == 0
+    queue(area, {"name": "p", **_single("sleep", sleep={"result": 0.75})}, "p.yaml")
+    assert drain(area) == 0
+    assert yamlio.load_mapping(area.folder(FINISHED) / "p.yaml")["result"] == 0.25
+    error = yamlio.load_mapping(area.folder(CRASHED) / "p.yaml")["error"]
+    assert error["key"] == "name" and "finished/p.yaml" in error["message"]

@@ -36,11 +36,11 @@ def test_results_that_cannot_be_written_are_retried(area: WorkArea, tmp_path: Pa
     real = yamlio.write_mapping
     failures = []
 
-    def full_disk_twice(path: Path, data: dict[str, Any]) -> None:
+    def full_disk_twice(path: Path, data: dict[str, Any], **options: Any) -> None:
         if "result" in data and len(failures) < 2:
             failures.append(path)
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-        real(path, data)
+        real(path, data, **options)
 
     monkeypatch.setattr(workarea.yamlio, "write_mapping", full_disk_twice)
     queue(area, _sleep_job(tmp_path / "log"), "job.yaml")
@@ -52,7 +52,7 @@ def test_results_that_cannot_be_written_are_retried(area: WorkArea, tmp_path: Pa
 
 def test_a_runner_stops_when_the_work_area_stays_unwritable(
         area: WorkArea, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    def no_space(path: Path, data: dict[str, Any]) -> None:
+    def no_space(path: Path, data: dict[str, Any], **options: Any) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
     queue(area, _sleep_job(tmp_path / "log"), "job.yaml")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from vtab import yamlio
+from vtab import fsutil, yamlio
 from vtab.workarea import FINISHED, RUNNING, LeaseLost, LeaseWatcher, WorkArea, is_valid_id
 
 
@@ -79,6 +79,25 @@ def test_old_holder_cannot_write_or_move_after_a_takeover(area: WorkArea) -> Non
         area.heartbeat(claim)
     assert area.read(takeover) == {"id": "job"}
     assert area.listing(RUNNING) == [takeover.path]
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["rename-exchange", "check-then-rename"])
+def test_a_takeover_during_a_write_is_not_undone_by_it(area: WorkArea, exchange: bool,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    claim = area.claim(_queue_job(area, "job"))
+    assert claim is not None
+    if not exchange:  # as on a filesystem without renameat2 flags (NFS)
+        monkeypatch.setattr(fsutil, "_renameat2", None)
+    elif not fsutil.rename_with_flags(claim.path, claim.path, fsutil.RENAME_EXCHANGE):
+        pytest.skip("this filesystem has no RENAME_EXCHANGE")
+    monkeypatch.setattr(area, "heartbeat", lambda claim: None)  # the takeover comes after it
+    takeover = area.claim(claim.path)
+    assert takeover is not None
+    with pytest.raises(LeaseLost):
+        area.write(claim, {"id": "job", "stale": True})
+    assert area.listing(RUNNING) == [takeover.path]  # the old claim file did not come back
+    assert area.read(takeover) == {"id": "job"}
+    assert [p.name for p in area.folder(RUNNING).iterdir()] == [takeover.path.name]
 
 
 def test_write_replaces_content_atomically_and_leaves_no_temporary_files(area: WorkArea) -> None:

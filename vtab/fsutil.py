@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import os
+import sys
 import uuid
 from pathlib import Path
 
@@ -17,13 +20,52 @@ def temp_path_for(path: Path) -> Path:
     return path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
 
 
-def atomic_write(path: Path, data: bytes | str, *, durable: bool = True) -> None:
+# renameat2(2) flags (linux/fs.h).
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+_libc = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
+_renameat2 = getattr(_libc, "renameat2", None)  # glibc 2.28+
+
+
+def rename_with_flags(src: Path, dst: Path, flags: int) -> bool:
+    """renameat2(src, dst, flags); False where the system or filesystem lacks it (NFS does).
+
+    Errors other than "not supported" are raised as OSError (ENOENT, EEXIST, ...).
+    """
+    if _renameat2 is None:
+        return False
+    if _renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(src), None, str(dst))
+
+
+def replace_existing(src: Path, dst: Path) -> None:
+    """Rename `src` over `dst` only if `dst` exists, else raise FileNotFoundError.
+
+    Atomic where the filesystem supports RENAME_EXCHANGE (the old content lands at `src` and is
+    removed); elsewhere a check then a rename, which a rename of `dst` away can slip between.
+    """
+    if rename_with_flags(src, dst, RENAME_EXCHANGE):
+        src.unlink()
+        return
+    if not dst.exists():
+        raise FileNotFoundError(errno.ENOENT, "no such file to replace", str(dst))
+    os.replace(src, dst)
+
+
+def atomic_write(path: Path, data: bytes | str, *, durable: bool = True,
+                 must_exist: bool = False) -> None:
     """Write `data` to `path` through a temporary file and a rename.
 
     With `durable`, the data is flushed to storage before the rename, so that
     a crash (or another NFS client) cannot observe the new name with old or
-    missing content. On failure the temporary file is removed and `path` is
-    left as it was.
+    missing content. With `must_exist`, `path` is only replaced, never created
+    (FileNotFoundError if it is gone). On failure the temporary file is removed
+    and `path` is left as it was.
     """
     payload = data.encode("utf-8") if isinstance(data, str) else data
     tmp = temp_path_for(path)
@@ -33,7 +75,10 @@ def atomic_write(path: Path, data: bytes | str, *, durable: bool = True) -> None
             if durable:
                 handle.flush()
                 os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        if must_exist:
+            replace_existing(tmp, path)
+        else:
+            os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()

@@ -90,6 +90,14 @@ KINDS: Registry[JobKind] = Registry("job kind", "hyperparams.kind")
 # A processor edits its job document and may end it (Finish) or fork (Wait).
 Processor = Callable[[dict[str, Any], dict[str, Any], StageContext], "Outcome | None"]
 PROCESSORS: Registry[Processor] = Registry("processor", "processor")
+# The options each processor reads (besides ``kind``), so that a misspelt one is refused when
+# the pipeline is queued instead of silently falling back to its default much later.
+PROCESSOR_OPTIONS: dict[str, tuple[str, ...]] = {}
+
+
+def register_processor(name: str, *options: str) -> Callable[[Processor], Processor]:
+    PROCESSOR_OPTIONS[name] = options
+    return PROCESSORS.register(name)
 
 
 # -- validation ------------------------------------------------------------------------------
@@ -155,6 +163,11 @@ def processor_name(stage: str, body: Any) -> str:
     except ConfigError as exc:
         suffix = ".kind" if isinstance(body, Mapping) else ""
         raise ConfigError(f"stages.{stage}.processor{suffix}", exc.message) from None
+    known = PROCESSOR_OPTIONS.get(name, ())
+    for key in body if isinstance(body, Mapping) else ():
+        if key != "kind" and key not in known:
+            raise ConfigError(f"stages.{stage}.processor.{key}",
+                              f"unknown option of {name} (known: {', '.join(known) or 'none'})")
     return name
 
 
@@ -240,7 +253,7 @@ def point_label(stage: str, point: Mapping[str, Any], axes: list[str]) -> str:
 def _fmt(value: Any) -> str:
     if isinstance(value, bool):
         return str(value).lower()
-    return format(value, "g") if isinstance(value, float) else str(value)
+    return repr(value) if isinstance(value, float) else str(value)  # shortest exact: 0.01, 1e-05
 
 
 def children_of(doc: Mapping[str, Any], stage: str, limit: int) -> list[dict[str, Any]]:
@@ -249,11 +262,9 @@ def children_of(doc: Mapping[str, Any], stage: str, limit: int) -> list[dict[str
     points = expand_grid(spec["grid"], f"stages.{stage}.grid", limit)
     axes = [k for k, v in flatten(spec["grid"]) if isinstance(v, list)]
     children = []
+    seen: dict[str, Mapping[str, Any]] = {}
     for point in points:
-        child_id = f"{doc['id']}__{point_label(stage, point, axes)}"
-        if not is_valid_id(child_id):
-            raise ConfigError(f"stages.{stage}.grid", f"the job id {child_id!r} is not valid "
-                                                      "(too long or odd characters)")
+        child_id = _child_id(doc, stage, point, axes, seen)
         children.append({
             "pipeline": doc["pipeline"], "id": child_id, "parent": doc["id"],
             "current_stage": spec["child_stage"], "point": point,
@@ -261,6 +272,22 @@ def children_of(doc: Mapping[str, Any], stage: str, limit: int) -> list[dict[str
             "env": doc.get("env", {}),
         })
     return children
+
+
+def _child_id(doc: Mapping[str, Any], stage: str, point: Mapping[str, Any], axes: list[str],
+              seen: dict[str, Mapping[str, Any]]) -> str:
+    """The id of a point's child; a point whose id an earlier point in `seen` took is an error."""
+    child_id = f"{doc['id']}__{point_label(stage, point, axes)}"
+    if not is_valid_id(child_id):
+        raise ConfigError(f"stages.{stage}.grid", f"the job id {child_id!r} is not valid "
+                                                  "(too long or odd characters)")
+    if child_id in seen:
+        swept = [{a: p[a] for a in axes} for p in (seen[child_id], point)]
+        raise ConfigError(f"stages.{stage}.grid",
+                          f"the points {swept[0]} and {swept[1]} both name the job {child_id!r} "
+                          "(ids keep only letters, digits and ._=+,-): make the values distinct")
+    seen[child_id] = point
+    return child_id
 
 
 # -- execution -------------------------------------------------------------------------------
@@ -290,12 +317,21 @@ def after(doc: Mapping[str, Any], stage: str) -> Outcome:
 
 def _fork(doc: dict[str, Any], stage: str, ctx: StageContext) -> Outcome:
     children = children_of(doc, stage, ctx.max_grid_points)
+    _check_not_forked_before(doc, stage, [c["id"] for c in children])
     for child in children:
         ctx.area.create(child["id"], child)  # idempotent: a retried fork skips existing children
     ids = [c["id"] for c in children]
     doc.setdefault("forks", {})[stage] = ids
     doc["waiting_for"] = {"stage": stage, "children": ids}
     return Wait()
+
+
+def _check_not_forked_before(doc: Mapping[str, Any], stage: str, ids: list[str]) -> None:
+    """Points of strings carry no stage name: two grids of one job could fork the same id."""
+    for other, forked in (doc.get("forks") or {}).items():
+        if other != stage and (same := set(ids) & set(forked)):
+            raise ConfigError(f"stages.{stage}.grid", f"would fork {sorted(same)[0]!r}, which "
+                                                      f"stage {other!r} already forked")
 
 
 def _run_kind(doc: dict[str, Any], stage: str, overrides: Mapping[str, Any],

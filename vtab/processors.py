@@ -3,14 +3,17 @@
 - ``select_best``: group the children of a fork by their setting (every swept
   axis but the seed), rank settings by the mean over seeds, and write the best
   setting into the job's config;
-- ``aggregate``: mean and std over seeds of the children's results;
-- ``summarize``: collect the per-dataset results of a whole pipeline into
-  ``summarized/<pipeline>/summary.yaml`` and move all its jobs there.
+- ``aggregate``: mean and std over seeds of the children's results (one child
+  per seed);
+- ``summarize``: collect the per-dataset results of a whole pipeline (one child
+  per dataset) into ``summarized/<pipeline>/summary.yaml`` and move all its
+  jobs there.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import statistics
 from collections.abc import Mapping
@@ -19,21 +22,27 @@ from pathlib import Path
 from typing import Any
 
 from vtab import yamlio
-from vtab.config import get_path, set_path, typed
+from vtab.config import choice, get_path, set_path, typed
 from vtab.errors import ConfigError, VtabError
 from vtab.faults import crash_point
-from vtab.pipeline import PROCESSORS, Finish, StageContext
+from vtab.pipeline import Finish, StageContext, register_processor
 from vtab.workarea import SUMMARIZED, WorkArea
 
 SUMMARY_KEYS = ("result", "std", "seeds", "metrics", "selected", "tuning")
+
+
+def _where(doc: Mapping[str, Any]) -> str:
+    """The dotted key of the running processor, for errors."""
+    return f"stages.{doc['current_stage']}.processor"
 
 
 def _fork_children(doc: Mapping[str, Any], options: Mapping[str, Any]) -> list[str]:
     forks = doc.get("forks") or {}
     stage = options.get("grid_stage") or (next(reversed(forks)) if forks else None)
     if stage not in forks:
-        raise ConfigError("processor.grid_stage", f"no children were forked by stage {stage!r} "
-                                                  f"(forks so far: {', '.join(forks) or 'none'})")
+        raise ConfigError(f"{_where(doc)}.grid_stage",
+                          f"no children were forked by stage {stage!r} "
+                          f"(forks so far: {', '.join(forks) or 'none'})")
     return forks[stage]
 
 
@@ -60,12 +69,39 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else 0.0
 
 
-@PROCESSORS.register("select_best")
+def _one_per_key(doc: Mapping[str, Any], what: str, hint: str,
+                 entries: list[tuple[Any, str, Any]]) -> dict[Any, Any]:
+    """``{key: value}`` over (key, child id, value).
+
+    Two children with one key are an error: one would silently overwrite the other.
+    """
+    out: dict[Any, Any] = {}
+    owners: dict[Any, str] = {}
+    for key, child_id, value in entries:
+        if key in owners:
+            raise ConfigError(_where(doc), f"the children {owners[key]} and {child_id} have the "
+                                           f"same {what} {key!r}: {hint}")
+        owners[key] = child_id
+        out[key] = value
+    return out
+
+
+def _higher_is_better(doc: Mapping[str, Any], options: Mapping[str, Any]) -> bool:
+    try:
+        return choice(options, "mode", ("max", "min"), "max") == "max"
+    except ConfigError as exc:
+        raise ConfigError(f"{_where(doc)}.mode", exc.message) from None
+
+
+@register_processor("select_best", "grid_stage", "seed_key", "metric", "mode")
 def select_best(doc: dict[str, Any], options: dict[str, Any], ctx: StageContext) -> None:
-    """Pick the setting with the best mean over seeds; ties go to the first in grid order."""
+    """Pick the setting with the best mean over seeds; ties go to the first in grid order.
+
+    A NaN mean ranks last: `max`/`min` would keep or skip it depending on where it stands.
+    """
     seed_key = options.get("seed_key", "seed")
     metric = options.get("metric", "result")
-    higher = options.get("mode", "max") == "max"
+    higher = _higher_is_better(doc, options)
     groups: dict[tuple[tuple[str, str], ...], tuple[dict[str, Any], list[float]]] = {}
     for child in _children(doc, options, ctx):
         setting = {k: v for k, v in child.get("point", {}).items() if k != seed_key}
@@ -75,22 +111,29 @@ def select_best(doc: dict[str, Any], options: dict[str, Any], ctx: StageContext)
     for setting, values in groups.values():
         mean, std = _mean_std(values)
         tuning.append({"setting": setting, "mean": mean, "std": std, "n": len(values)})
-    best = (max if higher else min)(tuning, key=lambda row: row["mean"])
+    ranked = [row for row in tuning if not math.isnan(row["mean"])]
+    if not ranked:
+        raise VtabError(f"{_where(doc)}: the mean {metric} of every setting is NaN; "
+                        "there is nothing to select")
+    best = (max if higher else min)(ranked, key=lambda row: row["mean"])
     doc["selected"] = best["setting"]
     doc["tuning"] = tuning
     for key, value in best["setting"].items():
         set_path(doc["config"], key, value)
 
 
-@PROCESSORS.register("aggregate")
+@register_processor("aggregate", "grid_stage", "seed_key")
 def aggregate(doc: dict[str, Any], options: dict[str, Any], ctx: StageContext) -> None:
-    """Mean and std over the seeds of the final runs."""
+    """Mean and std over the seeds of the final runs, one child per seed."""
     seed_key = options.get("seed_key", "seed")
     children = _children(doc, options, ctx)
     results = [_value(c, "result") for c in children]
+    seeds = _one_per_key(
+        doc, seed_key, "aggregate averages over seeds only; sweep only the seed in its grid",
+        [(get_path(c, f"config.{seed_key}", c["id"]), c["id"], r)
+         for c, r in zip(children, results, strict=True)])
     doc["result"], doc["std"] = _mean_std(results)
-    doc["seeds"] = {get_path(c, f"config.{seed_key}", c["id"]): r
-                    for c, r in zip(children, results, strict=True)}
+    doc["seeds"] = seeds
     names = sorted({m for c in children for m in (c.get("metrics") or {})})
     doc["metrics"] = {}
     for name in names:
@@ -98,14 +141,15 @@ def aggregate(doc: dict[str, Any], options: dict[str, Any], ctx: StageContext) -
         doc["metrics"][name] = {"mean": mean, "std": std}
 
 
-@PROCESSORS.register("summarize")
+@register_processor("summarize", "grid_stage")
 def summarize(doc: dict[str, Any], options: dict[str, Any], ctx: StageContext) -> Finish:
     """Write the pipeline's summary and move every job of the pipeline beside it."""
     pipeline = doc["pipeline"]
-    datasets = {}
-    for child in _children(doc, options, ctx):
-        name = get_path(child, "config.dataset", child["id"])
-        datasets[name] = {k: child[k] for k in SUMMARY_KEYS if k in child}
+    datasets = _one_per_key(
+        doc, "dataset", "the summary has one entry per dataset; sweep only the dataset in the "
+                        "grid it summarizes (tune and aggregate inside each dataset's job)",
+        [(get_path(c, "config.dataset", c["id"]), c["id"],
+          {k: c[k] for k in SUMMARY_KEYS if k in c}) for c in _children(doc, options, ctx)])
     config = doc.get("config", {})
     summary = {
         "pipeline": pipeline,

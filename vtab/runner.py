@@ -365,16 +365,16 @@ class Runner:
         Job ids derive from the name, so two different pipelines (or two copies in flight)
         under one name would overwrite each other's jobs.
         """
-        other = self.area.locate(root["id"], root["pipeline"])
-        if other is None or other == claim.path:
-            return
-        try:
-            same = {k: yamlio.load_mapping(other).get(k) for k in ("config", "stages")} == {
-                k: root[k] for k in ("config", "stages")}
-        except (OSError, VtabError):
-            same = False
-        done = other.parent.name in (FINISHED, "jobs")
-        if not (same and done):
+        for other in self.area.places(root["id"], root["pipeline"]):
+            if other == claim.path:
+                continue
+            try:
+                same = {k: yamlio.load_mapping(other).get(k) for k in ("config", "stages")} == {
+                    k: root[k] for k in ("config", "stages")}
+            except (OSError, VtabError):
+                same = False
+            if same and other.parent.name in (FINISHED, "jobs"):
+                continue
             what = "this pipeline, still in flight," if same else "another pipeline"
             raise ConfigError("name", f"{root['id']!r} already names {what} in this work area "
                                       f"({other.relative_to(self.area.root)}); give this one "
@@ -391,6 +391,8 @@ class Runner:
             log.info("%s: stage %s", doc["id"], stage)
             self._interruptible = True
             try:
+                if self.stop_signal is not None:  # it came while the job was read or written
+                    raise StopRequested
                 outcome = execute_stage(doc, ctx)
             finally:
                 self._interruptible = False

@@ -141,19 +141,20 @@ class WorkArea:
         return None
 
     def _find(self, job_id: str, pipeline: str | None) -> Path | None:
+        return next(self.places(job_id, pipeline), None)
+
+    def places(self, job_id: str, pipeline: str | None = None) -> Iterator[Path]:
+        """Every file that holds `job_id`, in lifecycle order (more than one only by mistake)."""
         name = job_id + SUFFIX
         if (self.root / name).exists():
-            return self.root / name
-        held = next(self.root.joinpath(RUNNING).glob(f"{glob_escape(job_id)}@*{SUFFIX}"), None)
-        if held is not None:
-            return held
+            yield self.root / name
+        yield from sorted(self.root.joinpath(RUNNING).glob(f"{glob_escape(job_id)}@*{SUFFIX}"))
         for path in (self.root / WAITING / name, self.root / FINISHED / name,
                      self.root / CRASHED / name):
             if path.exists():
-                return path
+                yield path
         if pipeline is not None and (self.summarized_jobs(pipeline) / name).exists():
-            return self.summarized_jobs(pipeline) / name
-        return None
+            yield self.summarized_jobs(pipeline) / name
 
     def end_folder(self, relative: object) -> Path:
         """The folder a finished job names (``finished`` or ``summarized/<p>/jobs``)."""
@@ -229,11 +230,18 @@ class WorkArea:
         return yamlio.load_mapping(claim.path)
 
     def write(self, claim: Claim, content: dict[str, Any]) -> None:
-        """Replace the claimed job's content, if the claim is still ours."""
+        """Replace the claimed job's content, if the claim is still ours.
+
+        The claim file is only ever replaced, never created: a holder whose claim was taken
+        over while it wrote gets LeaseLost instead of bringing its claim back to life.
+        """
         self.heartbeat(claim)
         crash_point()
-        with _storage("write", claim.path):
-            yamlio.write_mapping(claim.path, content)
+        try:
+            with _storage("write", claim.path):
+                yamlio.write_mapping(claim.path, content, must_exist=True)
+        except FileNotFoundError:
+            raise LeaseLost(claim.job_id) from None
         crash_point()
 
     def move(self, claim: Claim, folder: str | Path, job_id: str | None = None) -> Path:

@@ -81,8 +81,8 @@ def dump(data: dict[str, Any]) -> str:
                      default_flow_style=False, width=100)
 
 
-def write_mapping(path: Path, data: dict[str, Any]) -> None:
-    atomic_write(path, dump(data))
+def write_mapping(path: Path, data: dict[str, Any], *, must_exist: bool = False) -> None:
+    atomic_write(path, dump(data), must_exist=must_exist)
 
 
 def _where(exc: yaml.YAMLError) -> str:

@@ -1,0 +1,100 @@
+"""Processors on hand-made finished children: option checks, NaN results, duplicate keys."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+
+from vtab import processors, yamlio  # noqa: F401  (registers the processors)
+from vtab.errors import ConfigError, VtabError
+from vtab.pipeline import StageContext, execute_stage, validate
+from vtab.workarea import FINISHED, WorkArea
+
+
+def _child(n: int, result: float, **point: Any) -> dict[str, Any]:
+    return {"id": f"p__{n}", "point": point, "config": dict(point), "result": result}
+
+
+def _run(area: WorkArea, processor: str, children: list[dict[str, Any]],
+         **options: Any) -> dict[str, Any]:
+    """Run `processor` (with `options`) in a job whose stage `tune` forked `children`."""
+    for child in children:
+        yamlio.write_mapping(area.folder(FINISHED) / f"{child['id']}.yaml",
+                             {"pipeline": "p", "parent": "p", **child})
+    doc = {"pipeline": "p", "id": "p", "current_stage": "step", "config": {},
+           "forks": {"tune": [c["id"] for c in children]},
+           "stages": {"step": {"processor": {"kind": processor, **options}}}}
+    execute_stage(doc, StageContext(area=area))
+    return doc
+
+
+def _lr_children(results: dict[float, float]) -> list[dict[str, Any]]:
+    return [_child(n, r, lr=lr, seed=0) for n, (lr, r) in enumerate(results.items())]
+
+
+@pytest.mark.parametrize(("processor", "option"), [
+    ("select_best", "seed_keys"), ("select_best", "modes"), ("aggregate", "metric"),
+    ("summarize", "seed_key"),
+])
+def test_unknown_options_are_refused_when_the_pipeline_is_checked(processor: str,
+                                                                   option: str) -> None:
+    doc = {"current_stage": "step", "stages": {"step": {"processor": {"kind": processor,
+                                                                      option: "x"}}}}
+    with pytest.raises(ConfigError, match="unknown option") as info:
+        validate(doc)
+    assert info.value.key == f"stages.step.processor.{option}"
+
+
+@pytest.mark.parametrize("mode", ["maximize", "MAX", 1])
+def test_select_best_mode_must_be_max_or_min(area: WorkArea, mode: Any) -> None:
+    with pytest.raises(ConfigError) as info:
+        _run(area, "select_best", _lr_children({0.1: 0.5, 0.2: 0.7}), mode=mode)
+    assert info.value.key == "stages.step.processor.mode"
+
+
+@pytest.mark.parametrize(("mode", "rank"), [("max", 1), ("min", 0)])
+@pytest.mark.parametrize("nan_at", [0, 1, 2])
+def test_a_nan_result_is_never_selected(area: WorkArea, mode: str, rank: int,
+                                        nan_at: int) -> None:
+    lrs = [0.1, 0.2, 0.3]
+    results = [0.5, 0.9]
+    results.insert(nan_at, math.nan)
+    doc = _run(area, "select_best", _lr_children(dict(zip(lrs, results, strict=True))), mode=mode)
+    chosen = [lr for lr, r in zip(lrs, results, strict=True) if not math.isnan(r)][rank]
+    assert doc["selected"] == {"lr": chosen}
+    assert doc["config"]["lr"] == chosen
+    assert len(doc["tuning"]) == 3  # the NaN setting is still reported
+
+
+def test_all_nan_results_are_an_error(area: WorkArea) -> None:
+    with pytest.raises(VtabError, match="every setting is NaN"):
+        _run(area, "select_best", _lr_children({0.1: math.nan, 0.2: math.nan}))
+
+
+def test_summarize_refuses_two_children_of_one_dataset(area: WorkArea) -> None:
+    children = [_child(0, 0.5, dataset="a", seed=0), _child(1, 0.6, dataset="a", seed=1)]
+    with pytest.raises(ConfigError, match="p__0 and p__1 have the same dataset 'a'") as info:
+        _run(area, "summarize", children)
+    assert info.value.key == "stages.step.processor"
+
+
+def test_aggregate_refuses_two_children_of_one_seed(area: WorkArea) -> None:
+    children = [_child(0, 0.5, seed=0, wd=0.0), _child(1, 0.6, seed=0, wd=0.1)]
+    with pytest.raises(ConfigError, match="p__0 and p__1 have the same seed 0") as info:
+        _run(area, "aggregate", children)
+    assert info.value.key == "stages.step.processor"
+
+
+def test_aggregate_keys_seeds_by_seed_key(area: WorkArea) -> None:
+    children = [_child(0, 0.5, rep=0, seed=0), _child(1, 0.7, rep=1, seed=0)]
+    doc = _run(area, "aggregate", children, seed_key="rep")
+    assert doc["seeds"] == {0: 0.5, 1: 0.7}
+    assert doc["result"] == pytest.approx(0.6)
+
+
+def test_a_missing_grid_stage_names_the_processor_option(area: WorkArea) -> None:
+    with pytest.raises(ConfigError, match="no children were forked") as info:
+        _run(area, "aggregate", _lr_children({0.1: 0.5}), grid_stage="final")
+    assert info.value.key == "stages.step.processor.grid_stage"

@@ -52,7 +52,8 @@ def queue(area: WorkArea, doc: dict[str, Any], name: str = "toy.yaml") -> Path:
 def drain(area: WorkArea, **settings: Any) -> int:
     """Run one runner in this process until the area is drained."""
     defaults: dict[str, Any] = {"lease_timeout": 5.0, "poll_interval": 0.05,
-                                "sweep_interval": 0.05, "idle_limit": 60.0, "progress": False}
+                                "sweep_interval": 0.05, "idle_limit": 60.0, "progress": False,
+                                "reread_delay": 0.1}
     return Runner(area, RunnerSettings(**{**defaults, **settings}), "cpu", "test-runner").run()
 
 

@@ -13,6 +13,7 @@ import pytest
 from tests.conftest import REPO, drain
 from vtab import yamlio
 from vtab.evaluation.digits import write_digits
+from vtab.runner import BLOCKED_EXIT
 from vtab.workarea import CRASHED, FINISHED, RUNNING, SUMMARIZED, WAITING, WorkArea
 
 
@@ -65,7 +66,7 @@ def test_a_missing_data_root_crashes_each_run_naming_the_key(
     monkeypatch.setenv("VTAB1K_ROOT", str(tmp_path / "nowhere"))
     area = WorkArea(tmp_path / "work")
     shutil.copy(REPO / "pipelines" / "debug" / "debug.yaml", area.root)
-    assert drain(area) == 0
+    assert drain(area) == BLOCKED_EXIT
     crashed = area.listing(CRASHED)
     assert len(crashed) == 4  # the four tuning runs; nothing after them could start
     for path in crashed:

@@ -18,11 +18,12 @@ from vtab import yamlio
 from vtab.workarea import CRASHED, FINISHED, RUNNING, SUMMARIZED, WAITING, WorkArea
 
 
-def start_runner(area: WorkArea, *args: str) -> subprocess.Popen[str]:
+def start_runner(area: WorkArea, *args: str,
+                 env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     command = [sys.executable, str(REPO / "main_runner.py"), "--work_area", str(area.root),
                "--poll_interval", "0.05", "--no_progress", *args]
     return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+                            text=True, env=env)
 
 
 def wait_for(condition: Callable[[], object], timeout: float = 30.0) -> None:
@@ -101,12 +102,20 @@ def test_a_killed_runners_job_is_finished_by_the_next_runner(area: WorkArea,
     assert area.listing(RUNNING) == []
 
 
-def test_each_runner_is_pinned_to_its_device(area: WorkArea, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("inherited", "physical"), [
+    (None, {"3": "3", "5": "5"}),
+    ("9,8,7,6,5,4", {"3": "6", "5": "4"}),  # as under SLURM: indices count within the mask
+])
+def test_each_runner_is_pinned_to_its_device(area: WorkArea, inherited: str | None,
+                                             physical: dict[str, str]) -> None:
     for index in range(30):
         queue(area, {"current_stage": "run", "config": {"sleep": {"seconds": 0.3}},
                      "stages": {"run": {"hyperparams": {"kind": "sleep"}}}},
               f"job{index:02d}.yaml")
-    runner = start_runner(area, "--devices", "3,5,cpu")
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    if inherited is not None:
+        env["CUDA_VISIBLE_DEVICES"] = inherited
+    runner = start_runner(area, "--devices", "3,5,cpu", env=env)
     output, _ = runner.communicate(timeout=120)
     assert runner.returncode == 0, output
     seen = set()
@@ -114,6 +123,14 @@ def test_each_runner_is_pinned_to_its_device(area: WorkArea, tmp_path: Path) -> 
         info = yamlio.load_mapping(path)["provenance"]
         pinned = info["runner"].split(":")[2].split("#")[0]  # host:pid:device#index
         seen.add(pinned)
-        assert info["cuda_visible_devices"] == ("" if pinned == "cpu" else pinned)
+        assert info["cuda_visible_devices"] == ("" if pinned == "cpu" else physical[pinned])
         assert info["device"] == ("cpu" if pinned == "cpu" else "cuda")
     assert seen == {"3", "5", "cpu"}
+
+
+def test_a_gpu_index_outside_the_inherited_mask_is_refused(area: WorkArea) -> None:
+    runner = start_runner(area, "--devices", "0,2",
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": "4,5"})
+    output, _ = runner.communicate(timeout=60)
+    assert runner.returncode == 2
+    assert "GPU index 2 is not among the CUDA_VISIBLE_DEVICES='4,5'" in output

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,7 @@ from tests.conftest import TOY_JOBS_PER_DATASET, drain, queue, toy_pipeline
 from vtab import yamlio
 from vtab.errors import RunnerEnvironmentError
 from vtab.pipeline import KINDS, StageContext
+from vtab.runner import BLOCKED_EXIT
 from vtab.workarea import CRASHED, FINISHED, RUNNING, SUMMARIZED, WAITING, Claim, WorkArea
 
 CALLS: dict[str, int] = {}
@@ -149,7 +152,7 @@ def test_waiting_on_a_crashed_child_does_not_keep_runners_forever(area: WorkArea
     doc = toy_pipeline(datasets=("a",))
     doc["stages"]["train_val"] = {"hyperparams": {"kind": "sleep", "sleep.seconds": "x"}}
     queue(area, doc)
-    assert drain(area, idle_limit=30) == 0
+    assert drain(area, idle_limit=30) == BLOCKED_EXIT
     assert len(area.listing(CRASHED)) == 6
     assert {p.stem for p in area.listing(WAITING)} == {"toy", "toy__a"}
 
@@ -229,6 +232,40 @@ def test_a_stop_signal_while_a_job_is_read_stops_before_its_first_stage(
     assert drain(area) == 128 + signal.SIGTERM
     assert [p.name for p in area.queued()] == ["job.yaml"]
     assert not log.exists()  # the job's body never ran
+
+
+def test_a_bad_config_crashes_the_fork_once_instead_of_every_child(area: WorkArea) -> None:
+    queue(area, {"name": "p", "current_stage": "tune",
+                 "config": {"dataset": "digits", "data": {"root": "nowhere"},
+                            "backbone": {"name": "resnet18"}, "optim": {"lr": "fast", "epochs": 1}},
+                 "stages": {"tune": {"grid": {"seed": [0, 1, 2]}, "child_stage": "train"},
+                            "train": {"hyperparams": {"kind": "linear_probe"}}}}, "p.yaml")
+    assert drain(area) == 0
+    assert [p.name for p in area.listing(CRASHED)] == ["p.yaml"]
+    error = yamlio.load_mapping(area.folder(CRASHED) / "p.yaml")["error"]
+    assert error["key"] == "optim.lr" and "p__tune__seed=0" in error["message"]
+    assert area.queued() == [] and area.listing(WAITING) == []  # no child was created
+
+
+def test_a_job_claimed_while_it_is_still_being_copied_is_read_again(area: WorkArea,
+                                                                    tmp_path: Path) -> None:
+    text = yamlio.dump({"name": "copied", **_single("sleep", sleep={"result": 0.5})})
+    half = len(text) // 2
+    handle = open(area.root / "copied.yaml", "w")  # noqa: SIM115 (written on from a thread)
+    handle.write(text[:half])
+    handle.flush()
+
+    def finish_the_copy() -> None:
+        time.sleep(0.3)  # the runner has claimed (renamed) the file by now
+        handle.write(text[half:])
+        handle.close()
+
+    copier = threading.Thread(target=finish_the_copy)
+    copier.start()
+    assert drain(area, reread_delay=1.0) == 0
+    copier.join()
+    assert yamlio.load_mapping(area.folder(FINISHED) / "copied.yaml")["result"] == 0.5
+    assert area.listing(CRASHED) == []
 
 
 def test_a_name_reused_by_a_file_of_that_name_is_checked_too(area: WorkArea) -> None:

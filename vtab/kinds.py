@@ -4,37 +4,41 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from types import ModuleType
 from typing import Any
 
 from vtab.config import number, typed
 from vtab.errors import RunnerEnvironmentError
 from vtab.fsutil import append_line
-from vtab.pipeline import KINDS, StageContext
+from vtab.pipeline import StageContext, register_kind
 
 
-@KINDS.register("linear_probe")
+def _check_linear_probe(config: dict[str, Any]) -> None:
+    _import_probe().check_config(config)
+
+
+@register_kind("linear_probe", check=_check_linear_probe)
 def linear_probe(config: dict[str, Any], ctx: StageContext) -> dict[str, Any]:
     """Frozen backbone features (cached) and a linear head trained on them."""
-    return _import_probe()(config, cache_dir=ctx.features_cache(), device=ctx.device,
-                            num_workers=ctx.num_workers, progress=ctx.progress,
-                            outputs_dir=ctx.outputs_dir())
+    return _import_probe().run_linear_probe(
+        config, cache_dir=ctx.features_cache(), device=ctx.device, num_workers=ctx.num_workers,
+        progress=ctx.progress, outputs_dir=ctx.outputs_dir())
 
 
-def _import_probe() -> Callable[..., dict[str, Any]]:
+def _import_probe() -> ModuleType:
     """Import the evaluation engine (and torch) only when a job needs it."""
     try:
-        from vtab.evaluation.probe import run_linear_probe
+        from vtab.evaluation import probe
     except (ImportError, RuntimeError) as exc:
         raise RunnerEnvironmentError(
             f"the evaluation engine cannot be imported: {type(exc).__name__}: {exc}. If it "
             "says 'operator torchvision::nms does not exist', torch and torchvision are builds "
             "that do not match: reinstall both in one command without an exact torch pin "
             "(see SETUP_ENV.md).") from exc
-    return run_linear_probe
+    return probe
 
 
-@KINDS.register("sleep")
+@register_kind("sleep")
 def sleep(config: dict[str, Any], ctx: StageContext) -> dict[str, Any]:
     """A job that only waits: for testing the work area and measuring queue overhead.
 

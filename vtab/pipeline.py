@@ -86,6 +86,16 @@ class StageContext:
 # A job kind runs one training/evaluation and returns what goes into the job's yaml.
 JobKind = Callable[[dict[str, Any], StageContext], dict[str, Any]]
 KINDS: Registry[JobKind] = Registry("job kind", "hyperparams.kind")
+# A kind's config check: raises ConfigError without doing any work. Forks run it on every child,
+# so that a mistake in the pipeline crashes the one job that forks instead of each of hundreds.
+ConfigCheck = Callable[[dict[str, Any]], None]
+KIND_CHECKS: dict[str, ConfigCheck] = {}
+
+
+def register_kind(name: str, check: ConfigCheck | None = None) -> Callable[[JobKind], JobKind]:
+    if check is not None:
+        KIND_CHECKS[name] = check
+    return KINDS.register(name)
 
 # A processor edits its job document and may end it (Finish) or fork (Wait).
 Processor = Callable[[dict[str, Any], dict[str, Any], StageContext], "Outcome | None"]
@@ -319,6 +329,8 @@ def _fork(doc: dict[str, Any], stage: str, ctx: StageContext) -> Outcome:
     children = children_of(doc, stage, ctx.max_grid_points)
     _check_not_forked_before(doc, stage, [c["id"] for c in children])
     for child in children:
+        _check_kind_config(child)
+    for child in children:
         ctx.area.create(child["id"], child)  # idempotent: a retried fork skips existing children
     ids = [c["id"] for c in children]
     doc.setdefault("forks", {})[stage] = ids
@@ -334,14 +346,35 @@ def _check_not_forked_before(doc: Mapping[str, Any], stage: str, ids: list[str])
                                                       f"stage {other!r} already forked")
 
 
+def _kind_call(doc: Mapping[str, Any], overrides: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The kind a hyperparams stage runs and the config it gets."""
+    settings = {k: v for k, v in overrides.items() if k != "kind"}
+    return overrides.get("kind", DEFAULT_KIND), merged(doc.get("config", {}), settings)
+
+
+def _check_kind_config(child: Mapping[str, Any]) -> None:
+    stage = child["current_stage"]
+    if stage_kind(child["stages"], stage) != "hyperparams":
+        return
+    name, config = _kind_call(child, child["stages"][stage]["hyperparams"])
+    check = KIND_CHECKS.get(name)
+    if check is None:
+        return
+    try:
+        check(config)
+    except ConfigError as exc:
+        raise ConfigError(exc.key, f"{exc.message} (in the config of the child {child['id']}, "
+                                   "checked before it was queued)") from None
+
+
 def _run_kind(doc: dict[str, Any], stage: str, overrides: Mapping[str, Any],
               ctx: StageContext) -> None:
     if doc.get("result_stage") == stage and "result" in doc:
         return  # re-running a job that already has its result does not train again
-    settings = {k: v for k, v in overrides.items() if k != "kind"}
-    kind = KINDS.get(overrides.get("kind", DEFAULT_KIND))
+    name, config = _kind_call(doc, overrides)
+    kind = KINDS.get(name)
     started = time.monotonic()
-    output = kind(merged(doc.get("config", {}), settings), ctx)
+    output = kind(config, ctx)
     doc.update(output)
     doc.setdefault("timings", {})["total_s"] = round(time.monotonic() - started, 3)
     doc["result_stage"] = stage

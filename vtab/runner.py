@@ -55,6 +55,7 @@ from vtab.workarea import (
 
 log = logging.getLogger("vtab.runner")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+BLOCKED_EXIT = 3  # drained, but jobs are left in waiting/ on crashed or missing children
 
 
 class StopRequested(BaseException):
@@ -78,6 +79,7 @@ class RunnerSettings:
     progress: bool = True
     storage_backoff: float = 5.0  # seconds to wait after a failed write, doubled each time
     storage_failures: int = 5  # consecutive failed writes after which the runner stops
+    reread_delay: float = 1.0  # a yaml that does not parse is read again after this (a `cp`)
     host: str = field(default_factory=socket.gethostname)
 
     @property
@@ -174,13 +176,14 @@ class Runner:
                 continue
             quiet_checks = quiet_checks + 1 if self._drained() else 0
             if quiet_checks >= 2:  # twice in a row, so a job in flight between folders is seen
-                self._report_blocked()
-                log.info("work area drained after %d jobs: nothing queued, running or "
-                         "releasable; exiting", self.jobs_done)
+                if self._report_blocked():
+                    return BLOCKED_EXIT
+                log.info("work area drained after %d jobs of this runner: nothing queued, "
+                         "running or waiting; exiting", self.jobs_done)
                 break
             limit = self.settings.idle_limit
             if limit is not None and time.monotonic() - idle_since > limit:
-                log.info("idle for %.0f s (limit %.0f s); exiting", limit, limit)
+                log.info("no work for %.0f s (--idle_limit); exiting", limit)
                 break
             self._pause(self.settings.poll_interval)
         if self.broken is not None:
@@ -223,8 +226,10 @@ class Runner:
     def _drained(self) -> bool:
         return not self.area.queued() and not self.area.listing(RUNNING) and not self.sweep()
 
-    def _report_blocked(self) -> None:
-        for path in self.area.listing(WAITING):
+    def _report_blocked(self) -> int:
+        """Name the waiting jobs that nothing will release; return how many there are."""
+        blocked = self.area.listing(WAITING)
+        for path in blocked:
             try:
                 doc = yamlio.load_mapping(path)
             except (OSError, VtabError):
@@ -235,9 +240,13 @@ class Runner:
                 found = self.area.locate(child, doc.get("pipeline"))
                 folders.setdefault(found.parent.name if found else "missing", []).append(child)
             detail = "; ".join(f"{name}: {', '.join(ids)}" for name, ids in sorted(folders.items()))
-            log.warning("%s waits for %d jobs that will not finish by themselves (%s); move "
+            log.warning("%s waits for %d job(s) that will not finish by themselves (%s); move "
                         "crashed jobs back into %s to retry", path.name, len(missing), detail,
                         self.area.root)
+        if blocked:
+            log.error("nothing more can run: %d job(s) in waiting/ wait on crashed or missing "
+                      "jobs; exiting with code %d", len(blocked), BLOCKED_EXIT)
+        return len(blocked)
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         self.stop_signal = signum
@@ -333,20 +342,19 @@ class Runner:
             time.sleep(min(left, 0.1))
 
     def _open(self, claim: Claim) -> dict[str, Any] | None:
-        """Read and check a claimed job, count the attempt; None if it was crashed."""
+        """Read and check a claimed job, count the attempt; None if it was crashed or requeued."""
+        before = _content(claim.path)
         try:
-            doc = self.area.read(claim)
-        except yamlio.YamlFileError as exc:
-            self._crash_unreadable(claim, exc)
-            return None
-        if "id" in doc:
-            if not _valid_id(doc["id"]):
-                raise ConfigError("id", f"{doc['id']!r} is not a valid job id (it must be a plain "
-                                        "file name: no '/', '..' or '@')")
-            validate(doc)
-        else:
-            doc = prepare_root(doc, claim.job_id)
-            self._check_name_is_free(claim, doc)
+            doc = self._read_checked(claim)
+        except VtabError as exc:
+            if self._still_being_written(claim, before):
+                self.area.requeue(claim)
+                log.info("%s: still being written (queued with cp?); queued again", claim.job_id)
+                return None
+            if isinstance(exc, yamlio.YamlFileError):
+                self._crash_unreadable(claim, exc)
+                return None
+            raise
         if "error" in doc:  # moved back from crashed/ by hand: a fresh series of attempts
             doc.setdefault("previous_errors", []).append(doc.pop("error"))
             doc["attempts"] = 0
@@ -358,6 +366,27 @@ class Runner:
                             f"{doc['current_stage']!r}; the errors are under 'errors'")
         self.area.write(claim, doc)
         return doc
+
+    def _read_checked(self, claim: Claim) -> dict[str, Any]:
+        doc = self.area.read(claim)
+        if "id" not in doc:
+            doc = prepare_root(doc, claim.job_id)
+            self._check_name_is_free(claim, doc)
+            return doc
+        if not _valid_id(doc["id"]):
+            raise ConfigError("id", f"{doc['id']!r} is not a valid job id (it must be a plain "
+                                    "file name: no '/', '..' or '@')")
+        validate(doc)
+        return doc
+
+    def _still_being_written(self, claim: Claim, before: bytes | None) -> bool:
+        """A file queued with `cp` can be claimed before it is whole, and the copy goes on into
+        the renamed file: before calling a job broken, see whether its content still changes
+        (content, not mtime: the heartbeat touches the file)."""
+        self._pause(self.settings.reread_delay)
+        if self.stop_signal is not None:
+            raise StopRequested
+        return _content(claim.path) != before
 
     def _check_name_is_free(self, claim: Claim, root: dict[str, Any]) -> None:
         """A new pipeline may reuse a name only to re-run the same, finished pipeline.
@@ -582,6 +611,13 @@ class Runner:
         log.error("%s crashed: %s", claim.job_id, exc)
 
 
+def _content(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
+
+
 def _valid_id(value: object) -> bool:
     return isinstance(value, str) and is_valid_id(value)
 
@@ -592,7 +628,10 @@ def _valid_id(value: object) -> bool:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="main_runner.py",
-        description="Start runners that drain a work area: one process per --devices entry.")
+        description="Start runners that drain a work area: one process per --devices entry.",
+        epilog="Exit codes (the worst of all runners): 0 drained; 2 a runner could not run jobs "
+               "(broken install, storage failing) or bad arguments; 3 drained, but jobs in "
+               "waiting/ wait on crashed jobs; 128+N stopped by signal N while holding a job.")
     parser.add_argument("--work_area", type=Path, default=Path("./work"),
                         help="the shared work area folder (default: ./work)")
     parser.add_argument("--devices", default="0" if _has_cuda_hint() else "cpu",
@@ -644,8 +683,8 @@ def run_one(args: argparse.Namespace, device: str) -> int:
     """Run one runner in this process, pinned to `device` ('cpu' or a GPU index)."""
     index = f"#{args.runner_index}" if args.runner_index is not None else ""
     torch_device = "cpu" if device == "cpu" else "cuda"
-    if device != "cpu":
-        os.environ["CUDA_VISIBLE_DEVICES"] = device  # before torch is imported by a job
+    if device != "cpu":  # before torch is imported by a job
+        os.environ["CUDA_VISIBLE_DEVICES"] = physical_gpu(device) or device
     name = f"{args.host_id}:{os.getpid()}:{device}{index}"
     logging.basicConfig(level=logging.INFO, force=True,
                         format=f"%(asctime)s [{name}] %(levelname)s %(message)s")
@@ -656,6 +695,16 @@ def run_one(args: argparse.Namespace, device: str) -> int:
         torch.set_num_threads(args.threads)
     area = WorkArea(args.work_area)
     return Runner(area, settings_from(args), torch_device, name).run()
+
+
+def physical_gpu(index: str) -> str | None:
+    """The GPU that `index` names: the index-th entry of an inherited CUDA_VISIBLE_DEVICES
+    (SLURM and others set one), else the index itself; None if the mask has no such entry."""
+    inherited = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if inherited is None:
+        return index
+    visible = [entry.strip() for entry in inherited.split(",") if entry.strip()]
+    return visible[int(index)] if int(index) < len(visible) else None
 
 
 def supervise(args: argparse.Namespace, argv: list[str], devices: list[str]) -> int:
@@ -691,6 +740,11 @@ def main(argv: list[str] | None = None) -> int:
     bad = [d for d in devices if d != "cpu" and not d.isdigit()]
     if not devices or bad:
         build_parser().error(f"--devices: expected GPU indices or 'cpu', got {args.devices!r}")
+    unseen = [d for d in devices if d != "cpu" and physical_gpu(d) is None]
+    if unseen:
+        build_parser().error(f"--devices: GPU index {unseen[0]} is not among the "
+                             f"CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']!r} "
+                             "this runner inherited (indices count within it)")
     args.work_area.mkdir(parents=True, exist_ok=True)
     if len(devices) == 1:
         return run_one(args, devices[0])

@@ -117,6 +117,12 @@ def _features(cfg: ProbeConfig, spec: BackboneSpec, splits: dict[str, Split], ca
     return features, info
 
 
+def check_config(config: Mapping[str, Any]) -> tuple[BackboneSpec, ProbeConfig]:
+    """Validate every key of a linear-probe config without touching data or building a model."""
+    spec = resolve_backbone(config)
+    return spec, ProbeConfig.read(config, spec.default_image_size)
+
+
 def run_linear_probe(config: Mapping[str, Any], *, cache_dir: Path, device: str = "cpu",
                      num_workers: int = 0, progress: bool = True,
                      outputs_dir: Path | None = None) -> dict[str, Any]:
@@ -125,8 +131,7 @@ def run_linear_probe(config: Mapping[str, Any], *, cache_dir: Path, device: str 
     Every key is validated before any work starts. Returns plain YAML-serialisable values;
     ``result`` is the metric named by ``metric``.
     """
-    spec = resolve_backbone(config)
-    cfg = ProbeConfig.read(config, spec.default_image_size)
+    spec, cfg = check_config(config)
     torch.manual_seed(cfg.head.seed)
     splits = {"train": open_split(cfg.root, cfg.dataset, cfg.train_split, key="data.train_split"),
               "eval": open_split(cfg.root, cfg.dataset, cfg.eval_split, key="data.eval_split")}

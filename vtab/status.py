@@ -66,6 +66,12 @@ def _crashed_line(path: Path) -> str:
     return f"    {path.stem}  {message.splitlines()[0][:160] if message else ''}"
 
 
+def _not_jobs(folder: Path) -> list[str]:
+    """Files in the work area's root that look meant as jobs but are not (``x.yml``, ``x.txt``)."""
+    return sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
+                  and p.suffix != SUFFIX)
+
+
 def status_lines(area: WorkArea) -> Iterator[str]:
     now = time.time()
     queued = area.queued()
@@ -75,6 +81,9 @@ def status_lines(area: WorkArea) -> Iterator[str]:
     yield f"work area {area.root}"
     yield f"  queued:   {len(queued)}"
     yield from _capped([f"    {p.stem}" for p in sorted(queued)])
+    ignored = _not_jobs(area.root)
+    if ignored:
+        yield f"    not queued (only *.yaml files are jobs): {', '.join(ignored[:SHOWN])}"
     yield f"  running:  {len(running)}"
     yield from _capped([_running_line(p, now) for p in sorted(running)])
     yield f"  waiting:  {len(waiting)}"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import re
+import socket
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -74,6 +75,7 @@ class StageContext:
     progress: bool = True
     max_grid_points: int = DEFAULT_MAX_GRID_POINTS
     runner: str = ""
+    host: str = field(default_factory=socket.gethostname)  # the runner's --host_id
     job: Mapping[str, Any] = field(default_factory=dict)  # the document being run
 
     def outputs_dir(self) -> Path:
@@ -378,7 +380,8 @@ def _run_kind(doc: dict[str, Any], stage: str, overrides: Mapping[str, Any],
     doc.update(output)
     doc.setdefault("timings", {})["total_s"] = round(time.monotonic() - started, 3)
     doc["result_stage"] = stage
-    doc["provenance"] = {**environment(ctx.device), "runner": ctx.runner, "finished_at": now_iso()}
+    doc["provenance"] = {**environment(ctx.device), "host": ctx.host, "runner": ctx.runner,
+                         "finished_at": now_iso()}
 
 
 def missing_children(doc: Mapping[str, Any], area: WorkArea) -> list[str]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import os
 import platform
-import socket
 import subprocess
 import sys
 from datetime import datetime, timezone
@@ -38,20 +37,31 @@ def _git(repo: Path, *args: str) -> str:
                           timeout=10, check=True).stdout.strip()
 
 
-@functools.cache
 def environment(device: str) -> dict[str, Any]:
-    """Versions and hardware; torch is imported here only for jobs that use it."""
-    info: dict[str, Any] = {"host": socket.gethostname(), "python": platform.python_version(),
-                            "code_version": code_version(), "device": device,
+    """Versions and hardware; torch is looked at only once a job has imported it."""
+    info: dict[str, Any] = {**_base(device),
                             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
     torch = sys.modules.get("torch")
     if torch is not None:
-        info["torch"] = str(torch.__version__)
-        torchvision = sys.modules.get("torchvision")
-        if torchvision is not None:
-            info["torchvision"] = str(torchvision.__version__)
-        if device.startswith("cuda") and torch.cuda.is_available():
-            info["device_name"] = torch.cuda.get_device_name(0)
-        else:
-            info["device_name"] = platform.processor() or platform.machine()
+        info.update(_torch_info(device))
+    return info
+
+
+@functools.cache
+def _base(device: str) -> dict[str, Any]:
+    return {"python": platform.python_version(), "code_version": code_version(),
+            "device": device}
+
+
+def _torch_info(device: str) -> dict[str, Any]:
+    import torch
+
+    info = {"torch": str(torch.__version__)}
+    torchvision = sys.modules.get("torchvision")
+    if torchvision is not None:
+        info["torchvision"] = str(torchvision.__version__)
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["device_name"] = torch.cuda.get_device_name(0)
+    else:
+        info["device_name"] = platform.processor() or platform.machine()
     return info

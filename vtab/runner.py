@@ -138,7 +138,8 @@ class Runner:
         self.id = name or f"{settings.host}:{os.getpid()}:{device}"
         self.ctx = StageContext(area=area, device=device, cache_dir=settings.cache_dir,
                                 num_workers=settings.num_workers, progress=settings.progress,
-                                max_grid_points=settings.max_grid_points, runner=self.id)
+                                max_grid_points=settings.max_grid_points, runner=self.id,
+                                host=settings.host)
         self.watcher = LeaseWatcher(settings.lease_timeout)
         self.heartbeat = Heartbeat(area, settings.heartbeat_interval)
         self.stop_signal: int | None = None

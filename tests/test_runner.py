@@ -157,6 +157,14 @@ def test_waiting_on_a_crashed_child_does_not_keep_runners_forever(area: WorkArea
     assert {p.stem for p in area.listing(WAITING)} == {"toy", "toy__a"}
 
 
+def test_a_waiting_job_broken_by_hand_does_not_stop_the_runner(area: WorkArea) -> None:
+    yamlio.write_mapping(area.folder(WAITING) / "edited.yaml",  # its "pipeline" was deleted
+                         {"id": "edited", "waiting_for": {"stage": "s", "children": ["c"]}})
+    queue(area, _single("sleep"), "job.yaml")
+    assert drain(area) == BLOCKED_EXIT
+    assert [p.name for p in area.listing(FINISHED)] == ["job.yaml"]
+
+
 def test_a_job_settled_before_its_runner_died_is_only_moved(area: WorkArea,
                                                             tmp_path: Path) -> None:
     """Content is written before the move: the next holder moves it and runs nothing."""

@@ -117,8 +117,9 @@ class Heartbeat(threading.Thread):
             for claim in claims:
                 try:
                     self.area.heartbeat(claim)
-                except LeaseLost:
-                    log.warning("lost the lease of %s: another runner took it over", claim.job_id)
+                except LeaseLost:  # moved on by this runner a moment ago, or taken over
+                    # (a takeover is reported where the job's own next step fails)
+                    log.debug("heartbeat: %s is no longer held", claim.job_id)
                     self.drop(claim)
                 except OSError as exc:  # a storage hiccup: the next beat may succeed
                     log.warning("heartbeat of %s failed: %s", claim.job_id, exc)
@@ -232,10 +233,10 @@ class Runner:
         blocked = self.area.listing(WAITING)
         for path in blocked:
             try:
-                doc = yamlio.load_mapping(path)
-            except (OSError, VtabError):
+                missing = missing_children(doc := yamlio.load_mapping(path), self.area)
+            except Exception:  # broken by hand
+                log.warning("%s cannot be read as a waiting job (edited by hand?)", path)
                 continue
-            missing = missing_children(doc, self.area)
             folders: dict[str, list[str]] = {}
             for child in missing:
                 found = self.area.locate(child, doc.get("pipeline"))
@@ -476,8 +477,8 @@ class Runner:
         try:
             if missing_children(yamlio.load_mapping(path), self.area):
                 return False
-        except (OSError, VtabError):
-            return False  # gone (someone else released it) or being rewritten
+        except Exception:  # gone (released by another runner), or broken by hand: not ours
+            return False
         claim = self.area.claim(path)
         if claim is None:
             return False

@@ -304,9 +304,13 @@ def _stamp(path: Path) -> tuple[int, int, int] | None:
     except OSError as exc:
         if exc.errno in (errno.ENOENT, errno.ESTALE):
             return None
-        raise
-    try:
-        st = os.fstat(fd)
-    finally:
-        os.close(fd)
+        try:  # unreadable (permissions, I/O): its attributes still tell whether it changes
+            st = os.stat(path)
+        except OSError:
+            return None
+    else:
+        try:
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
     return (st.st_mtime_ns, st.st_ino, st.st_size)

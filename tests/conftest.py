@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import yaml
 
+from vtab.fsutil import atomic_write
 from vtab.runner import Runner, RunnerSettings
 from vtab.workarea import WorkArea
 
@@ -45,7 +46,7 @@ TOY_JOBS_PER_DATASET = 1 + 6 + 3  # the dataset job, its tuning runs, its final 
 
 def queue(area: WorkArea, doc: dict[str, Any], name: str = "toy.yaml") -> Path:
     path = area.root / name
-    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    atomic_write(path, yaml.safe_dump(doc, sort_keys=False))  # runners may be watching
     return path
 
 

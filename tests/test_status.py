@@ -35,6 +35,14 @@ def test_each_folder_is_counted_and_its_jobs_named(area: WorkArea) -> None:
     assert "  crashed:  6\n" in text and "key 'sleep.seconds'" in text
 
 
+def test_unreadable_crashed_files_are_counted_until_retried(area: WorkArea) -> None:
+    (area.root / "broken.yaml").write_text("current_stage: [unclosed\n")
+    assert drain(area) == 0
+    assert "    (1 unreadable files, errors in crashed/*.error.txt)" in _status(area)
+    (area.folder("crashed") / "broken.yaml").rename(area.root / "broken.yaml")  # retried
+    assert "unreadable files" not in _status(area)
+
+
 def test_files_that_are_not_jobs_are_pointed_out(area: WorkArea) -> None:
     (area.root / "notes.yml").write_text("current_stage: run\n")
     (area.root / ".hidden").write_text("")

@@ -17,7 +17,6 @@ import math
 import os
 import statistics
 from collections.abc import Mapping
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from vtab.config import choice, get_path, set_path, typed
 from vtab.errors import ConfigError, VtabError
 from vtab.faults import crash_point
 from vtab.pipeline import Finish, StageContext, register_processor
+from vtab.provenance import now_iso
 from vtab.workarea import SUMMARIZED, WorkArea
 
 SUMMARY_KEYS = ("result", "std", "seeds", "metrics", "selected", "tuning")
@@ -153,7 +153,7 @@ def summarize(doc: dict[str, Any], options: dict[str, Any], ctx: StageContext) -
     config = doc.get("config", {})
     summary = {
         "pipeline": pipeline,
-        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "finished_at": now_iso(),
         "metric": config.get("metric", "top1"),
         "backbone": config.get("backbone", {}),
         "datasets": datasets,

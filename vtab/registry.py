@@ -35,6 +35,3 @@ class Registry(Generic[T]):
             raise ConfigError(self.key, f"unknown {self.what} {name!r}{hint}; known: "
                                         f"{', '.join(sorted(self._entries))}")
         return self._entries[name]
-
-    def names(self) -> list[str]:
-        return sorted(self._entries)

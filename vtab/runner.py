@@ -375,7 +375,7 @@ class Runner:
             doc = prepare_root(doc, claim.job_id)
             self._check_name_is_free(claim, doc)
             return doc
-        if not _valid_id(doc["id"]):
+        if not is_valid_id(doc["id"]):
             raise ConfigError("id", f"{doc['id']!r} is not a valid job id (it must be a plain "
                                     "file name: no '/', '..' or '@')")
         validate(doc)
@@ -540,13 +540,22 @@ class Runner:
     def _give_back(self, claim: Claim, doc: dict[str, Any] | None) -> None:
         """The runner stops: the attempt does not count, the job goes back to the queue."""
         self.abandoned = True
+        if doc is not None:
+            doc["attempts"] = max(0, int(doc.get("attempts") or 1) - 1)
+        self._write_and_move(claim, doc, self.area.root)
+        log.info("%s: returned to the queue (this runner stops)", claim.job_id)
+
+    def _write_and_move(self, claim: Claim, doc: dict[str, Any] | None, folder: Path,
+                        job_id: str | None = None) -> None:
+        """Write `doc` (when there is one) without its lease, then move the claim to `folder`.
+
+        A lost lease means another runner holds the job now: nothing is left to do here.
+        """
         try:
             if doc is not None:
-                doc["attempts"] = max(0, int(doc.get("attempts") or 1) - 1)
                 doc.pop("lease", None)
                 self.area.write(claim, doc)
-            self.area.requeue(claim, (doc or {}).get("id"))
-            log.info("%s: returned to the queue (this runner stops)", claim.job_id)
+            self.area.move(claim, folder, job_id or (doc or {}).get("id"))
         except LeaseLost:
             pass
 
@@ -571,12 +580,7 @@ class Runner:
         log.warning("%s: attempt %d failed (%s: %s); queued again", claim.job_id, attempts,
                     type(exc).__name__, exc)
         doc.setdefault("errors", []).append(self._error_record(exc, claim, doc))
-        doc.pop("lease", None)
-        try:
-            self.area.write(claim, doc)
-            self.area.requeue(claim, doc["id"])
-        except LeaseLost:
-            pass
+        self._write_and_move(claim, doc, self.area.root)
 
     def _crash(self, claim: Claim, doc: dict[str, Any] | None, exc: BaseException,
                note: str | None = None) -> None:
@@ -590,14 +594,9 @@ class Runner:
         doc["error"] = self._error_record(exc, claim, doc)
         if note:
             doc["error"]["note"] = note
-        doc.pop("lease", None)
         log.error("%s crashed: %s", claim.job_id, doc["error"]["message"])
-        job_id = doc["id"] if _valid_id(doc.get("id")) else claim.job_id
-        try:
-            self.area.write(claim, doc)
-            self.area.move(claim, CRASHED, job_id)
-        except LeaseLost:
-            pass
+        job_id = doc["id"] if is_valid_id(doc.get("id")) else claim.job_id
+        self._write_and_move(claim, doc, self.area.folder(CRASHED), job_id)
 
     def _crash_unreadable(self, claim: Claim, exc: BaseException) -> None:
         """Keep the file byte for byte; its error goes beside it in ``<id>.error.txt``."""
@@ -618,10 +617,6 @@ def _content(path: Path) -> bytes | None:
         return path.read_bytes()
     except OSError:
         return None
-
-
-def _valid_id(value: object) -> bool:
-    return isinstance(value, str) and is_valid_id(value)
 
 
 # -- command line --------------------------------------------------------------------------

@@ -91,7 +91,8 @@ def status_lines(area: WorkArea) -> Iterator[str]:
     yield f"  finished: {len(area.listing(FINISHED))}"
     yield f"  crashed:  {len(crashed)}"
     yield from _capped([_crashed_line(p) for p in sorted(crashed)])
-    unreadable = sorted(area.folder(CRASHED).glob("*.error.txt"))
+    unreadable = [p for p in area.folder(CRASHED).glob("*.error.txt")  # still there, not retried
+                  if p.with_name(p.name.removesuffix(".error.txt") + SUFFIX).exists()]
     if unreadable:
         yield f"    ({len(unreadable)} unreadable files, errors in crashed/*.error.txt)"
     summarized = sorted(p.parent.name for p in area.folder(SUMMARIZED).glob("*/summary.yaml"))

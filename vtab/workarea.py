@@ -61,9 +61,9 @@ def _storage(action: str, path: Path) -> Iterator[None]:
         raise StorageError(f"cannot {action} {path}: {exc.strerror or exc}") from exc
 
 
-def is_valid_id(job_id: str) -> bool:
+def is_valid_id(job_id: object) -> bool:
     """Ids become file names: no separators, no leading dot, no ``@``, bounded length."""
-    return bool(_ID.fullmatch(job_id)) and ".." not in job_id
+    return isinstance(job_id, str) and bool(_ID.fullmatch(job_id)) and ".." not in job_id
 
 
 @dataclass(frozen=True)
@@ -260,7 +260,6 @@ class WorkArea:
 
     def requeue(self, claim: Claim, job_id: str | None = None) -> Path:
         return self.move(claim, self.root, job_id)
-
 
 
 def glob_escape(text: str) -> str:

@@ -378,6 +378,7 @@ def _run_kind(doc: dict[str, Any], stage: str, overrides: Mapping[str, Any],
     started = time.monotonic()
     output = kind(config, ctx)
     doc.update(output)
+    doc["run_config"] = {"kind": name, **config}  # exactly what ran: config + stage overrides
     doc.setdefault("timings", {})["total_s"] = round(time.monotonic() - started, 3)
     doc["result_stage"] = stage
     doc["provenance"] = {**environment(ctx.device), "host": ctx.host, "runner": ctx.runner,

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -18,10 +18,11 @@ from vtab import yamlio
 from vtab.workarea import CRASHED, FINISHED, RUNNING, SUMMARIZED, WAITING, WorkArea
 
 
-def start_runner(area: WorkArea, *args: str,
-                 env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    command = [sys.executable, str(REPO / "main_runner.py"), "--work_area", str(area.root),
-               "--poll_interval", "0.05", "--no_progress", *args]
+def start_runner(area: WorkArea, *args: str, env: dict[str, str] | None = None,
+                 wrapper: Sequence[str] = ()) -> subprocess.Popen[str]:
+    """`main_runner.py` in a child process (run through `wrapper`, a command prefix, if given)."""
+    command = [*wrapper, sys.executable, str(REPO / "main_runner.py"), "--work_area",
+               str(area.root), "--poll_interval", "0.05", "--no_progress", *args]
     return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env=env)
 

@@ -3,13 +3,16 @@
 A skewed clock on another host is simulated by a holder that stamps its claim file with
 times years away from ours: as long as the stamp keeps changing, the lease holds; when it
 stops changing, the job is taken over after the lease timeout of the observer's own clock.
-(All runners here share one machine: the protocol uses the filesystem only, so separate
-network namespaces would change nothing it relies on.)
+Runners of two "hosts" are told apart by --host_id, and, where the machine allows, also run
+in network and UTS namespaces of their own (their own hostname, no network): the protocol
+uses the filesystem only.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import threading
 import time
 from collections import Counter
@@ -25,14 +28,30 @@ from vtab.workarea import FINISHED, RUNNING, WorkArea
 YEAR_NS = 365 * 24 * 3600 * 10**9
 
 
-def test_runners_of_two_hosts_never_share_a_job(area: WorkArea, tmp_path: Path) -> None:
+def _own_namespaces(host: str) -> list[str]:
+    """A command prefix that runs a command in new network and UTS namespaces named `host`: a
+    host of its own as far as a process can tell, sharing only the filesystem."""
+    prefix = ["unshare", "--net", "--uts", "sh", "-c", f'hostname {host} && exec "$@"', "-"]
+    if shutil.which("unshare") is None or subprocess.run(
+            [*prefix, "true"], capture_output=True).returncode != 0:
+        pytest.skip("creating network and UTS namespaces needs unshare and root")
+    return prefix
+
+
+@pytest.mark.parametrize("isolation", ["host_id", "namespaces"])
+def test_runners_of_two_hosts_never_share_a_job(area: WorkArea, tmp_path: Path,
+                                                isolation: str) -> None:
     log = tmp_path / "executions.log"
     for index in range(300):
         queue(area, {"current_stage": "run",
                      "config": {"sleep": {"seconds": 0.002, "log": str(log)}},
                      "stages": {"run": {"hyperparams": {"kind": "sleep"}}}}, f"j{index:03d}.yaml")
-    runners = [start_runner(area, "--devices", "cpu,cpu", "--host_id", host)
-               for host in ("alpha", "beta")]
+    if isolation == "host_id":
+        runners = [start_runner(area, "--devices", "cpu,cpu", "--host_id", host)
+                   for host in ("alpha", "beta")]
+    else:  # each runner sees its own hostname and no network: the default host id differs
+        runners = [start_runner(area, "--devices", "cpu,cpu", wrapper=_own_namespaces(host))
+                   for host in ("alpha", "beta")]
     for runner in runners:
         output, _ = runner.communicate(timeout=300)
         assert runner.returncode == 0, output

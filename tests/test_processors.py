@@ -48,9 +48,11 @@ def test_unknown_options_are_refused_when_the_pipeline_is_checked(processor: str
 
 
 @pytest.mark.parametrize("mode", ["maximize", "MAX", 1])
-def test_select_best_mode_must_be_max_or_min(area: WorkArea, mode: Any) -> None:
+def test_select_best_mode_must_be_max_or_min(mode: Any) -> None:
+    doc = {"current_stage": "step",
+           "stages": {"step": {"processor": {"kind": "select_best", "mode": mode}}}}
     with pytest.raises(ConfigError) as info:
-        _run(area, "select_best", _lr_children({0.1: 0.5, 0.2: 0.7}), mode=mode)
+        validate(doc)  # when the pipeline is read, before any of its grid trains
     assert info.value.key == "stages.step.processor.mode"
 
 
@@ -66,6 +68,21 @@ def test_a_nan_result_is_never_selected(area: WorkArea, mode: str, rank: int,
     assert doc["selected"] == {"lr": chosen}
     assert doc["config"]["lr"] == chosen
     assert len(doc["tuning"]) == 3  # the NaN setting is still reported
+
+
+def test_a_nan_among_seeds_makes_its_setting_nan_and_unselected(area: WorkArea) -> None:
+    children = [_child(0, math.nan, lr=0.1, seed=0), _child(1, 0.9, lr=0.1, seed=1),
+                _child(2, 0.5, lr=0.2, seed=0), _child(3, 0.7, lr=0.2, seed=1)]
+    doc = _run(area, "select_best", children)
+    assert doc["selected"] == {"lr": 0.2}
+    nan_row = doc["tuning"][0]
+    assert nan_row["setting"] == {"lr": 0.1} and math.isnan(nan_row["mean"])
+    assert math.isnan(nan_row["std"]) and nan_row["n"] == 2
+
+
+def test_aggregate_of_a_nan_seed_is_nan(area: WorkArea) -> None:
+    doc = _run(area, "aggregate", [_child(0, 0.5, seed=0), _child(1, math.inf, seed=1)])
+    assert math.isnan(doc["result"]) and math.isnan(doc["std"])
 
 
 def test_all_nan_results_are_an_error(area: WorkArea) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
@@ -14,14 +15,14 @@ import pytest
 from tests.conftest import TOY_JOBS_PER_DATASET, drain, queue, toy_pipeline
 from vtab import yamlio
 from vtab.errors import RunnerEnvironmentError
-from vtab.pipeline import KINDS, StageContext
-from vtab.runner import BLOCKED_EXIT
+from vtab.pipeline import StageContext, register_kind
+from vtab.runner import BLOCKED_EXIT, worst_exit_code
 from vtab.workarea import CRASHED, FINISHED, RUNNING, SUMMARIZED, WAITING, Claim, WorkArea
 
 CALLS: dict[str, int] = {}
 
 
-@KINDS.register("test_flaky")
+@register_kind("test_flaky")
 def _flaky(config: dict[str, Any], ctx: StageContext) -> dict[str, Any]:
     """Fails the first `fail_times` calls per job id, then succeeds."""
     CALLS[ctx.job["id"]] = CALLS.get(ctx.job["id"], 0) + 1
@@ -198,7 +199,7 @@ def test_a_finished_job_cannot_name_a_folder_outside_the_area(area: WorkArea) ->
     assert error["key"] == "finished_in"
 
 
-@KINDS.register("test_broken_install")
+@register_kind("test_broken_install")
 def _broken_install(config: dict[str, Any], ctx: StageContext) -> dict[str, Any]:
     raise RunnerEnvironmentError("operator torchvision::nms does not exist")
 
@@ -255,8 +256,8 @@ def test_a_bad_config_crashes_the_fork_once_instead_of_every_child(area: WorkAre
     assert area.queued() == [] and area.listing(WAITING) == []  # no child was created
 
 
-def test_a_job_claimed_while_it_is_still_being_copied_is_read_again(area: WorkArea,
-                                                                    tmp_path: Path) -> None:
+def test_a_job_claimed_while_it_is_still_being_copied_is_read_again(
+        area: WorkArea, caplog: pytest.LogCaptureFixture) -> None:
     text = yamlio.dump({"name": "copied", **_single("sleep", sleep={"result": 0.5})})
     half = len(text) // 2
     handle = open(area.root / "copied.yaml", "w")  # noqa: SIM115 (written on from a thread)
@@ -268,12 +269,14 @@ def test_a_job_claimed_while_it_is_still_being_copied_is_read_again(area: WorkAr
         handle.write(text[half:])
         handle.close()
 
+    caplog.set_level(logging.INFO, logger="vtab.runner")
     copier = threading.Thread(target=finish_the_copy)
     copier.start()
     assert drain(area, reread_delay=1.0) == 0
     copier.join()
     assert yamlio.load_mapping(area.folder(FINISHED) / "copied.yaml")["result"] == 0.5
     assert area.listing(CRASHED) == []
+    assert "copied: still being written" in caplog.text  # claimed half-copied, not after
 
 
 def test_a_name_reused_by_a_file_of_that_name_is_checked_too(area: WorkArea) -> None:
@@ -284,3 +287,11 @@ def test_a_name_reused_by_a_file_of_that_name_is_checked_too(area: WorkArea) -> 
     assert yamlio.load_mapping(area.folder(FINISHED) / "p.yaml")["result"] == 0.25
     error = yamlio.load_mapping(area.folder(CRASHED) / "p.yaml")["error"]
     assert error["key"] == "name" and "finished/p.yaml" in error["message"]
+
+
+@pytest.mark.parametrize(("codes", "worst"), [
+    ([0, 0], 0), ([0, BLOCKED_EXIT], BLOCKED_EXIT), ([2, BLOCKED_EXIT], 2), ([BLOCKED_EXIT, 2], 2),
+    ([2, 143], 143), ([0, -9], 137), ([1, 2], 1),
+])
+def test_the_supervisor_reports_the_worst_runner(codes: list[int], worst: int) -> None:
+    assert worst_exit_code(codes) == worst

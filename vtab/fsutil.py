@@ -20,12 +20,17 @@ def temp_path_for(path: Path) -> Path:
     return path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
 
 
-# renameat2(2) flags (linux/fs.h).
-RENAME_NOREPLACE = 1
-RENAME_EXCHANGE = 2
+RENAME_EXCHANGE = 2  # a renameat2(2) flag (linux/fs.h)
 _AT_FDCWD = -100
+# "Not here": no such call (ENOSYS), a filesystem without the flag (EINVAL: NFS, Lustre, FUSE),
+# or a sandbox that forbids the call (EPERM; a real permission error resurfaces in the fallback).
+_UNSUPPORTED = (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM)
 _libc = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
 _renameat2 = getattr(_libc, "renameat2", None)  # glibc 2.28+
+if _renameat2 is not None:
+    _renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                           ctypes.c_uint]
+    _renameat2.restype = ctypes.c_int
 
 
 def rename_with_flags(src: Path, dst: Path, flags: int) -> bool:
@@ -38,7 +43,7 @@ def rename_with_flags(src: Path, dst: Path, flags: int) -> bool:
     if _renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) == 0:
         return True
     code = ctypes.get_errno()
-    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+    if code in _UNSUPPORTED:
         return False
     raise OSError(code, os.strerror(code), str(src), None, str(dst))
 
@@ -50,7 +55,8 @@ def replace_existing(src: Path, dst: Path) -> None:
     removed); elsewhere a check then a rename, which a rename of `dst` away can slip between.
     """
     if rename_with_flags(src, dst, RENAME_EXCHANGE):
-        src.unlink()
+        with contextlib.suppress(OSError):  # `dst` is replaced; `src` now holds the old content
+            src.unlink()
         return
     if not dst.exists():
         raise FileNotFoundError(errno.ENOENT, "no such file to replace", str(dst))

@@ -102,13 +102,15 @@ def register_kind(name: str, check: ConfigCheck | None = None) -> Callable[[JobK
 # A processor edits its job document and may end it (Finish) or fork (Wait).
 Processor = Callable[[dict[str, Any], dict[str, Any], StageContext], "Outcome | None"]
 PROCESSORS: Registry[Processor] = Registry("processor", "processor")
-# The options each processor reads (besides ``kind``), so that a misspelt one is refused when
-# the pipeline is queued instead of silently falling back to its default much later.
-PROCESSOR_OPTIONS: dict[str, tuple[str, ...]] = {}
+# The options each processor reads (besides ``kind``) and a check of their values, so that a
+# mistake is refused when the pipeline is queued, not after the grid it processes has trained.
+OptionsCheck = Callable[[Mapping[str, Any]], None]
+PROCESSOR_OPTIONS: dict[str, tuple[tuple[str, ...], OptionsCheck | None]] = {}
 
 
-def register_processor(name: str, *options: str) -> Callable[[Processor], Processor]:
-    PROCESSOR_OPTIONS[name] = options
+def register_processor(name: str, *options: str,
+                       check: OptionsCheck | None = None) -> Callable[[Processor], Processor]:
+    PROCESSOR_OPTIONS[name] = (options, check)
     return PROCESSORS.register(name)
 
 
@@ -175,11 +177,17 @@ def processor_name(stage: str, body: Any) -> str:
     except ConfigError as exc:
         suffix = ".kind" if isinstance(body, Mapping) else ""
         raise ConfigError(f"stages.{stage}.processor{suffix}", exc.message) from None
-    known = PROCESSOR_OPTIONS.get(name, ())
-    for key in body if isinstance(body, Mapping) else ():
-        if key != "kind" and key not in known:
+    options = {k: v for k, v in body.items() if k != "kind"} if isinstance(body, Mapping) else {}
+    known, check = PROCESSOR_OPTIONS.get(name, ((), None))
+    for key in options:
+        if key not in known:
             raise ConfigError(f"stages.{stage}.processor.{key}",
                               f"unknown option of {name} (known: {', '.join(known) or 'none'})")
+    if check is not None:
+        try:
+            check(options)
+        except ConfigError as exc:
+            raise ConfigError(f"stages.{stage}.processor.{exc.key}", exc.message) from None
     return name
 
 

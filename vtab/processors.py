@@ -66,6 +66,10 @@ def _value(child: Mapping[str, Any], key: str) -> float:
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and population std; NaN for both when a value is not finite (statistics.pstdev
+    raises on NaN and inf instead of returning NaN)."""
+    if not all(map(math.isfinite, values)):
+        return math.nan, math.nan
     return statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else 0.0
 
 
@@ -86,14 +90,15 @@ def _one_per_key(doc: Mapping[str, Any], what: str, hint: str,
     return out
 
 
-def _higher_is_better(doc: Mapping[str, Any], options: Mapping[str, Any]) -> bool:
-    try:
-        return choice(options, "mode", ("max", "min"), "max") == "max"
-    except ConfigError as exc:
-        raise ConfigError(f"{_where(doc)}.mode", exc.message) from None
+def _check_options(options: Mapping[str, Any]) -> None:
+    """Every processor option names a stage, a key or a metric; `mode` is max or min."""
+    for key in ("grid_stage", "seed_key", "metric"):
+        typed(options, key, str, "")
+    choice(options, "mode", ("max", "min"), "max")
 
 
-@register_processor("select_best", "grid_stage", "seed_key", "metric", "mode")
+@register_processor("select_best", "grid_stage", "seed_key", "metric", "mode",
+                    check=_check_options)
 def select_best(doc: dict[str, Any], options: dict[str, Any], ctx: StageContext) -> None:
     """Pick the setting with the best mean over seeds; ties go to the first in grid order.
 
@@ -101,7 +106,7 @@ def select_best(doc: dict[str, Any], options: dict[str, Any], ctx: StageContext)
     """
     seed_key = options.get("seed_key", "seed")
     metric = options.get("metric", "result")
-    higher = _higher_is_better(doc, options)
+    higher = options.get("mode", "max") == "max"  # checked when the pipeline was read
     groups: dict[tuple[tuple[str, str], ...], tuple[dict[str, Any], list[float]]] = {}
     for child in _children(doc, options, ctx):
         setting = {k: v for k, v in child.get("point", {}).items() if k != seed_key}
@@ -122,7 +127,7 @@ def select_best(doc: dict[str, Any], options: dict[str, Any], ctx: StageContext)
         set_path(doc["config"], key, value)
 
 
-@register_processor("aggregate", "grid_stage", "seed_key")
+@register_processor("aggregate", "grid_stage", "seed_key", check=_check_options)
 def aggregate(doc: dict[str, Any], options: dict[str, Any], ctx: StageContext) -> None:
     """Mean and std over the seeds of the final runs, one child per seed."""
     seed_key = options.get("seed_key", "seed")
@@ -141,7 +146,7 @@ def aggregate(doc: dict[str, Any], options: dict[str, Any], ctx: StageContext) -
         doc["metrics"][name] = {"mean": mean, "std": std}
 
 
-@register_processor("summarize", "grid_stage")
+@register_processor("summarize", "grid_stage", check=_check_options)
 def summarize(doc: dict[str, Any], options: dict[str, Any], ctx: StageContext) -> Finish:
     """Write the pipeline's summary and move every job of the pipeline beside it."""
     pipeline = doc["pipeline"]

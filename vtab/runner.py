@@ -79,7 +79,8 @@ class RunnerSettings:
     progress: bool = True
     storage_backoff: float = 5.0  # seconds to wait after a failed write, doubled each time
     storage_failures: int = 5  # consecutive failed writes after which the runner stops
-    reread_delay: float = 1.0  # a yaml that does not parse is read again after this (a `cp`)
+    reread_delay: float = 1.0  # a queued file that fails to read or check is read again after
+    # this long, in case a `cp` was still writing it
     host: str = field(default_factory=socket.gethostname)
 
     @property
@@ -663,7 +664,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _has_cuda_hint() -> bool:
-    return bool(os.environ.get("CUDA_VISIBLE_DEVICES")) or Path("/dev/nvidia0").exists()
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:  # set empty, it hides every GPU
+        return bool(visible.strip())
+    return Path("/dev/nvidia0").exists()
 
 
 def settings_from(args: argparse.Namespace) -> RunnerSettings:
@@ -725,9 +729,16 @@ def supervise(args: argparse.Namespace, argv: list[str], devices: list[str]) -> 
     for sig in STOP_SIGNALS:
         signal.signal(sig, forward)
     codes = [child.wait() for child in children]
-    worst = max(codes, key=abs)
     print(f"main_runner: {len(children)} runners exited with codes {codes}", flush=True)
-    return worst if worst >= 0 else 128 - worst
+    return worst_exit_code(codes)
+
+
+def worst_exit_code(codes: list[int]) -> int:
+    """The code that says most: a signal (a killed child, -N, becomes 128+N), then a runner
+    that could not run jobs (2), then blocked waiting jobs (3), then drained (0)."""
+    shell = [128 - code if code < 0 else code for code in codes]
+    rank = {0: 0, BLOCKED_EXIT: 1, 2: 2}
+    return max(shell, key=lambda code: rank.get(code, 3 + code))
 
 
 def main(argv: list[str] | None = None) -> int:

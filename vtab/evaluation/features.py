@@ -3,7 +3,10 @@
 A cache entry is ``<root>/<key[:2]>/<key>.pt`` (features, labels, image paths) and
 ``<key>.json``, a manifest written after the payload: an entry exists once its manifest does.
 The key hashes everything that determines the features, so entries are never invalidated, only
-added; a changed split file or checkpoint simply gets a new key.
+added; a changed split file or checkpoint simply gets a new key. A split whose images other
+cached splits already hold is assembled from their rows (`extract_reusing`): the same numbers
+on the CPU in fp32; with bf16 on a GPU, rows computed in other batches can differ in the last
+bits from a fresh extraction, as any two extractions with different batching do.
 """
 
 from __future__ import annotations

@@ -8,9 +8,9 @@ structured group means and the 19-task mean; optionally writes it as CSV, JSON a
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
+from vtab import cli
 from vtab.results import parse_results
 
 
@@ -52,4 +52,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

@@ -1,8 +1,8 @@
 """Start runners that drain a work area (see README.md)."""
 
-import sys
 
+from vtab import cli
 from vtab.runner import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

@@ -41,8 +41,7 @@ def environment(device: str) -> dict[str, Any]:
     """Versions and hardware; torch is looked at only once a job has imported it."""
     info: dict[str, Any] = {**_base(device),
                             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
-    torch = sys.modules.get("torch")
-    if torch is not None:
+    if "torch" in sys.modules:
         info.update(_torch_info(device))
     return info
 

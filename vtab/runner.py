@@ -345,19 +345,13 @@ class Runner:
             time.sleep(min(left, 0.1))
 
     def _open(self, claim: Claim) -> dict[str, Any] | None:
-        """Read and check a claimed job, count the attempt; None if it was crashed or requeued."""
-        before = _content(claim.path)
+        """Read and check a claimed job, count the attempt; None if it was crashed."""
         try:
             doc = self._read_checked(claim)
-        except VtabError as exc:
-            if self._still_being_written(claim, before):
-                self.area.requeue(claim)
-                log.info("%s: still being written (queued with cp?); queued again", claim.job_id)
+        except VtabError:
+            doc = self._read_again(claim)
+            if doc is None:
                 return None
-            if isinstance(exc, yamlio.YamlFileError):
-                self._crash_unreadable(claim, exc)
-                return None
-            raise
         if "error" in doc:  # moved back from crashed/ by hand: a fresh series of attempts
             doc.setdefault("previous_errors", []).append(doc.pop("error"))
             doc["attempts"] = 0
@@ -382,14 +376,21 @@ class Runner:
         validate(doc)
         return doc
 
-    def _still_being_written(self, claim: Claim, before: bytes | None) -> bool:
+    def _read_again(self, claim: Claim) -> dict[str, Any] | None:
         """A file queued with `cp` can be claimed before it is whole, and the copy goes on into
-        the renamed file: before calling a job broken, see whether its content still changes
-        (content, not mtime: the heartbeat touches the file)."""
+        the renamed file: before calling a job broken, wait a moment and read it once more.
+        None if it was unreadable again (then it is crashed); other errors are raised."""
         self._pause(self.settings.reread_delay)
         if self.stop_signal is not None:
             raise StopRequested
-        return _content(claim.path) != before
+        try:
+            doc = self._read_checked(claim)
+        except yamlio.YamlFileError as exc:
+            self._crash_unreadable(claim, exc)
+            return None
+        log.info("%s: still being written when claimed (queued with cp?); read again",
+                 claim.job_id)
+        return doc
 
     def _check_name_is_free(self, claim: Claim, root: dict[str, Any]) -> None:
         """A new pipeline may reuse a name only to re-run the same, finished pipeline.
@@ -611,13 +612,6 @@ class Runner:
             log.exception("%s: could not move it to crashed/", claim.job_id)
             return
         log.error("%s crashed: %s", claim.job_id, exc)
-
-
-def _content(path: Path) -> bytes | None:
-    try:
-        return path.read_bytes()
-    except OSError:
-        return None
 
 
 # -- command line --------------------------------------------------------------------------

@@ -7,7 +7,7 @@ DATA_ROOT ?= ./data/vtab-1k
 DEMO_AREA ?= ./demo_work
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint venv clean
+.PHONY: demo test lint docs venv clean
 
 venv: $(STAMP)
 
@@ -35,6 +35,10 @@ test: venv
 
 lint: venv
 	$(PY) -m ruff check .
+
+# The key reference in docs/PIPELINES.md, generated from the config schemas.
+docs: venv
+	$(PY) -m vtab.reference --write docs/PIPELINES.md
 
 clean:
 	rm -rf $(VENV) $(DEMO_AREA) .pytest_cache .ruff_cache

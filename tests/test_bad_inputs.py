@@ -3,7 +3,8 @@
 All files are queued into one work area together and drained by one runner: each broken one
 must land in crashed/ with an error naming its file and the key (or, when it cannot even be
 parsed, byte for byte with its error beside it); the good ones must finish; the runner must
-go on to the end.
+go on to the end and exit saying that jobs crashed. Bad ``--devices`` values (devices.yaml)
+must stop a runner before it creates or touches the work area.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import pytest
 import yaml
 
 from tests.conftest import drain
-from vtab import yamlio
+from vtab import runner, yamlio
+from vtab.runner import CRASHED_EXIT
 from vtab.workarea import CRASHED, FINISHED, RUNNING, WorkArea
 
 CORPUS = Path(__file__).parent / "data" / "bad_inputs"
@@ -30,7 +32,8 @@ def _broken_data(root: Path, digits_root: Path) -> None:
     (root / "digits").symlink_to(digits_root / "digits")
     for name, train in {"onlytrain": "images/0.png 0\n",
                         "badlines": "images/0.png 0\nimages/1.png\n",
-                        "neglabel": "images/0.png 0\nimages/1.png -1\n"}.items():
+                        "neglabel": "images/0.png 0\nimages/1.png -1\n",
+                        "fewclasses": "images/0.png 0\nimages/1.png 1\nimages/2.png 2\n"}.items():
         (root / name).mkdir()
         (root / name / "train800.txt").write_text(train)
         if name != "onlytrain":
@@ -63,7 +66,7 @@ def test_the_corpus_is_large_enough() -> None:
 
 def test_the_runner_goes_on_to_the_end(drained: tuple[WorkArea, int]) -> None:
     area, code = drained
-    assert code == 0
+    assert code == CRASHED_EXIT  # and says that jobs crashed
     assert area.listing(RUNNING) == [] and area.queued() == []
 
 
@@ -89,3 +92,20 @@ def test_each_input_has_its_expected_outcome(drained: tuple[WorkArea, int], name
     assert expect["message"] in error["message"]
     assert name in error["message"]  # the message names the file
     assert error["attempt"] == 1  # bad input is not retried
+
+
+DEVICES: list[dict[str, str]] = yaml.safe_load((CORPUS / "devices.yaml").read_text())
+
+
+@pytest.mark.parametrize("case", DEVICES, ids=[case["devices"] or "empty" for case in DEVICES])
+def test_bad_devices_stop_the_runner_before_it_touches_the_work_area(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], case: dict[str, str]) -> None:
+    area = tmp_path / "work"
+    try:
+        code = runner.main(["--work_area", str(area), "--devices", case["devices"]])
+    except SystemExit as exit_:  # argparse's usage error
+        code = exit_.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--devices" in err and case["message"] in err
+    assert not area.exists()  # nothing created, nothing claimed

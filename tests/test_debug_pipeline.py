@@ -46,6 +46,15 @@ def test_two_runners_drain_the_debug_pipeline(tmp_path: Path) -> None:
     assert final["metrics"]["top1"] == final["result"]
     assert final["num_eval"] == 797
     assert final["provenance"]["device"] == "cpu"
+    # What ran, exactly: every key the kind read, defaults filled in (the image size is the
+    # pipeline's; the backbone's own would be 224), and nothing else.
+    assert final["run_config"]["features"] == {"image_size": 32, "batch_size": 128,
+                                               "precision": "auto"}
+    assert final["run_config"]["optim"]["warmup_epochs"] == 0  # a default, filled in
+    assert set(final["run_config"]) == {"kind", "dataset", "data", "backbone", "features",
+                                        "head", "optim", "seed", "metric"}
+    assert (summary["metric"], summary["split"]) == ("top1", "test")
+    assert digits["evaluated_on"] == {"split": "test", "metric": "top1"}
     # The backbone ran once per split for seven heads: train800 and train800val200 on the
     # training side, val200 and test on the evaluation side, each extracted by one job only.
     features = [yamlio.load_mapping(p)["features"] for p in jobs.glob("*__*__*.yaml")]
@@ -58,19 +67,20 @@ def test_two_runners_drain_the_debug_pipeline(tmp_path: Path) -> None:
         cwd=REPO, capture_output=True, text=True, timeout=60)
     assert table.returncode == 0, table.stderr
     assert "digits" in table.stdout
+    assert "mean±std over seeds of top1 on test." in table.stdout
     assert f"{100 * digits['result']:.1f}" in table.stdout
 
 
-def test_a_missing_data_root_crashes_each_run_naming_the_key(
+def test_a_missing_data_root_crashes_the_dataset_job_before_its_runs_are_queued(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VTAB1K_ROOT", str(tmp_path / "nowhere"))
     area = WorkArea(tmp_path / "work")
     shutil.copy(REPO / "pipelines" / "debug" / "debug.yaml", area.root)
     assert drain(area) == BLOCKED_EXIT
-    crashed = area.listing(CRASHED)
-    assert len(crashed) == 4  # the four tuning runs; nothing after them could start
-    for path in crashed:
-        error = yamlio.load_mapping(path)["error"]
-        assert error["key"] == "data.root"
-        assert path.name in error["message"] and "nowhere" in error["message"]
-    assert {p.stem for p in area.listing(WAITING)} == {"debug", "debug__digits"}
+    (crashed,) = area.listing(CRASHED)  # the dataset's job, when it would fork the tuning runs
+    assert crashed.stem == "debug__digits"
+    error = yamlio.load_mapping(crashed)["error"]
+    assert error["key"] == "data.root"
+    assert crashed.name in error["message"] and "nowhere" in error["message"]
+    assert "in 4 jobs" in error["message"]
+    assert {p.stem for p in area.listing(WAITING)} == {"debug"}

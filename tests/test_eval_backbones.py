@@ -15,10 +15,17 @@ from torch import nn
 
 from vtab.errors import ConfigError
 from vtab.evaluation.backbones import create_backbone, resolve_backbone
+from vtab.evaluation.schemas import BackboneConfig
+from vtab.schema import validate
 
 
-def backbone_config(name: str, weights: str = "none", source: str = "torchvision") -> dict:
-    return {"backbone": {"name": name, "weights": weights, "source": source}}
+def section(name: Any, weights: str = "none", source: str = "torchvision") -> dict[str, Any]:
+    return {"name": name, "weights": weights, "source": source}
+
+
+def backbone_config(name: str, weights: str = "none",
+                    source: str = "torchvision") -> BackboneConfig:
+    return validate(BackboneConfig, section(name, weights, source), prefix="backbone")
 
 
 def test_random_weights_are_deterministic_and_frozen() -> None:
@@ -99,15 +106,16 @@ def test_torchvision_weights_names_resolve_without_download(weights: str) -> Non
 
 
 @pytest.mark.parametrize(("config", "key", "hint"), [
-    (backbone_config("resnet181"), "backbone.name", "resnet18"),
-    (backbone_config("resnet50", "IMAGENET9K"), "backbone.weights", "IMAGENET1K_V1"),
-    (backbone_config("resnet18", source="hub"), "backbone.source", "torchvision"),
-    (backbone_config("no_colon", source="module"), "backbone.name", "package.module:function"),
-    ({"backbone": {"name": 18}}, "backbone.name", "expected a string"),
+    (section("resnet181"), "backbone.name", "resnet18"),
+    (section("resnet50", "IMAGENET9K"), "backbone.weights", "IMAGENET1K_V1"),
+    (section("resnet18", source="hub"), "backbone.source", "torchvision"),
+    (section("no_colon", source="module"), "backbone.name", "package.module:function"),
+    ({"name": 18}, "backbone.name", "expected a string"),
+    ({"name": "resnet18", "weigths": "none"}, "backbone.weigths", "did you mean 'weights'"),
 ])
 def test_bad_backbone_config(config: dict, key: str, hint: str) -> None:
     with pytest.raises(ConfigError) as caught:
-        resolve_backbone(config)
+        resolve_backbone(validate(BackboneConfig, config, prefix="backbone"))
     assert caught.value.key == key
     assert hint in str(caught.value)
 

@@ -23,6 +23,7 @@ from vtab.evaluation.features import (
     extract_reusing,
     resolve_precision,
 )
+from vtab.evaluation.schemas import BackboneConfig
 
 FIELDS = {"backbone": {"source": "test", "name": "toy", "weights_id": "random-seed0"},
           "data": {"dataset": "toy", "split": "train800", "split_sha256": "00"}}
@@ -117,7 +118,7 @@ def test_concurrent_requests_compute_once(tmp_path: Path) -> None:
 def test_extraction_matches_a_direct_forward(digits_root: Path) -> None:
     split = open_split(digits_root, "digits", "val200", key="data.eval_split")
     split = dataclasses.replace(split, entries=split.entries[:13])
-    backbone = create_backbone({"backbone": {"name": "resnet18"}})
+    backbone = create_backbone(BackboneConfig(name="resnet18"))
     transform = TransformSpec(32)
     found = extract_features(backbone.model, split, transform, batch_size=5)  # uneven batches
     images = torch.stack([image for image, _, _ in ImageSplit(split, transform.build())])
@@ -134,7 +135,7 @@ def test_extraction_matches_a_direct_forward(digits_root: Path) -> None:
 def test_extraction_reuses_rows_of_donor_sets_and_forwards_the_rest(digits_root: Path) -> None:
     split = open_split(digits_root, "digits", "train800val200", key="data.train_split")
     split = split.subset([0, 1, 2, 800, 801])  # three train800 images, two val200 images
-    backbone = create_backbone({"backbone": {"name": "resnet18"}})
+    backbone = create_backbone(BackboneConfig(name="resnet18"))
     transform = TransformSpec(32)
     asked: list[list[str]] = []
 

@@ -137,7 +137,8 @@ def _with_stage(name: str, spec: Any) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize(("name", "spec", "key", "message"), [
-    ("train_val", {"hyperparams": {"kind": "nope"}}, "hyperparams.kind", "unknown job kind"),
+    ("train_val", {"hyperparams": {"kind": "nope"}}, "stages.train_val.hyperparams.kind",
+     "unknown job kind"),
     ("select", {"processor": "select_bset"}, "stages.select.processor", "did you mean"),
     ("select", {"processor": "select_best", "next_stage": "gone"}, "stages.select.next_stage",
      "not one of the stages"),

@@ -76,12 +76,17 @@ def test_a_stop_signal_returns_the_job_at_once(area: WorkArea, tmp_path: Path, s
     assert not (tmp_path / "executions.log").exists()
 
 
-def test_a_stop_signal_to_an_idle_runner_exits_zero(area: WorkArea) -> None:
+def test_a_stop_signal_to_an_idle_runner_says_it_stopped(area: WorkArea, tmp_path: Path) -> None:
+    long_job(area, tmp_path / "executions.log", seconds=1)
+    held = area.claim(area.root / "long.yaml")  # held elsewhere: not drained, nothing to claim
+    assert held is not None
     runner = start_runner(area, "--devices", "cpu", "--idle_limit", "60")
     time.sleep(1.5)
+    assert runner.poll() is None  # still waiting for the held job
     runner.send_signal(signal.SIGTERM)
     output, _ = runner.communicate(timeout=10)
-    assert runner.returncode == 0, output
+    assert runner.returncode == 128 + signal.SIGTERM, output  # the area was not drained
+    assert area.listing(RUNNING) == [held.path]
 
 
 def test_a_killed_runners_job_is_finished_by_the_next_runner(area: WorkArea,
@@ -103,6 +108,18 @@ def test_a_killed_runners_job_is_finished_by_the_next_runner(area: WorkArea,
     assert area.listing(RUNNING) == []
 
 
+FAKE_GPU = REPO / "tests" / "fake_gpu"  # a torch stand-in that reports GPUs
+
+
+def _fake_gpu_env(inherited: str | None = None, gpus: int = 8) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    env["PYTHONPATH"] = os.pathsep.join([str(FAKE_GPU), str(REPO)])
+    env["VTAB_FAKE_GPUS"] = str(gpus)
+    if inherited is not None:
+        env["CUDA_VISIBLE_DEVICES"] = inherited
+    return env
+
+
 @pytest.mark.parametrize(("inherited", "physical"), [
     (None, {"3": "3", "5": "5"}),
     ("9,8,7,6,5,4", {"3": "6", "5": "4"}),  # as under SLURM: indices count within the mask
@@ -113,10 +130,7 @@ def test_each_runner_is_pinned_to_its_device(area: WorkArea, inherited: str | No
         queue(area, {"current_stage": "run", "config": {"sleep": {"seconds": 0.3}},
                      "stages": {"run": {"hyperparams": {"kind": "sleep"}}}},
               f"job{index:02d}.yaml")
-    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
-    if inherited is not None:
-        env["CUDA_VISIBLE_DEVICES"] = inherited
-    runner = start_runner(area, "--devices", "3,5,cpu", env=env)
+    runner = start_runner(area, "--devices", "3,5,cpu", env=_fake_gpu_env(inherited, gpus=10))
     output, _ = runner.communicate(timeout=120)
     assert runner.returncode == 0, output
     seen = set()
@@ -127,6 +141,22 @@ def test_each_runner_is_pinned_to_its_device(area: WorkArea, inherited: str | No
         assert info["cuda_visible_devices"] == ("" if pinned == "cpu" else physical[pinned])
         assert info["device"] == ("cpu" if pinned == "cpu" else "cuda")
     assert seen == {"3", "5", "cpu"}
+
+
+@pytest.mark.parametrize(("devices", "gpus", "message"), [
+    ("0,3", 2, "GPU 3 does not exist: 2 GPU(s) are visible here (0-1)"),
+    ("1", 0, "--devices 1: this machine has no usable CUDA GPU"),
+])
+def test_a_gpu_this_machine_lacks_stops_the_runner_before_it_claims(
+        area: WorkArea, devices: str, gpus: int, message: str) -> None:
+    queue(area, {"current_stage": "run", "stages": {"run": {"hyperparams": {"kind": "sleep"}}}},
+          "job.yaml")
+    runner = start_runner(area, "--devices", devices, env=_fake_gpu_env(gpus=gpus))
+    output, _ = runner.communicate(timeout=120)
+    assert runner.returncode == 2, output
+    assert message in output and "nothing was claimed" in output
+    assert [p.name for p in area.queued()] == ["job.yaml"]  # untouched
+    assert area.listing(RUNNING) == [] and area.listing(CRASHED) == []
 
 
 def test_a_gpu_index_outside_the_inherited_mask_is_refused(area: WorkArea) -> None:

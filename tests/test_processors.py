@@ -42,7 +42,7 @@ def test_unknown_options_are_refused_when_the_pipeline_is_checked(processor: str
                                                                    option: str) -> None:
     doc = {"current_stage": "step", "stages": {"step": {"processor": {"kind": processor,
                                                                       option: "x"}}}}
-    with pytest.raises(ConfigError, match="unknown option") as info:
+    with pytest.raises(ConfigError, match="unknown key") as info:
         validate(doc)
     assert info.value.key == f"stages.step.processor.{option}"
 

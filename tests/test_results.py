@@ -328,3 +328,16 @@ def test_command_line(root: Path, tmp_path: Path) -> None:
     for option in ("--root", "--filter", "--csv", "--json", "--markdown", "--no_std",
                    "--transpose"):
         assert option in help_text
+
+
+def test_the_caption_says_what_the_summaries_record(tmp_path: Path) -> None:
+    write_summary(tmp_path, "a", {"dtd": 0.5}, split="val200")
+
+    def caption() -> str:
+        return render_text(build_table(load_summaries(tmp_path).results)).splitlines()[0]
+
+    assert "mean±std over seeds of top1 on val200. " in caption()
+    write_summary(tmp_path, "b", {"dtd": 0.6}, metric="macro_f1", split="test")
+    write_summary(tmp_path, "c", {"dtd": 0.7}, metric="macro_f1")  # an older summary
+    assert ("of each pipeline's metric (column 'metric') on each pipeline's evaluation split "
+            "(a: val200, b: test, c: not recorded). ") in caption()

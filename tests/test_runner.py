@@ -16,17 +16,22 @@ from tests.conftest import TOY_JOBS_PER_DATASET, drain, queue, toy_pipeline
 from vtab import yamlio
 from vtab.errors import RunnerEnvironmentError
 from vtab.pipeline import StageContext, register_kind
-from vtab.runner import BLOCKED_EXIT, worst_exit_code
+from vtab.runner import BLOCKED_EXIT, CRASHED_EXIT, worst_exit_code
+from vtab.schema import Section
 from vtab.workarea import CRASHED, FINISHED, RUNNING, SUMMARIZED, WAITING, Claim, WorkArea
 
 CALLS: dict[str, int] = {}
 
 
-@register_kind("test_flaky")
-def _flaky(config: dict[str, Any], ctx: StageContext) -> dict[str, Any]:
+class FlakyConfig(Section):
+    fail_times: int = 0
+
+
+@register_kind("test_flaky", FlakyConfig)
+def _flaky(config: FlakyConfig, ctx: StageContext) -> dict[str, Any]:
     """Fails the first `fail_times` calls per job id, then succeeds."""
     CALLS[ctx.job["id"]] = CALLS.get(ctx.job["id"], 0) + 1
-    if CALLS[ctx.job["id"]] <= config.get("fail_times", 0):
+    if CALLS[ctx.job["id"]] <= config.fail_times:
         raise RuntimeError(f"flaky failure {CALLS[ctx.job['id']]}")
     return {"result": 1.0}
 
@@ -89,7 +94,7 @@ def test_unreadable_files_are_kept_and_explained(area: WorkArea, content: bytes,
                                                  message: str) -> None:
     (area.root / "broken.yaml").write_bytes(content)
     queue(area, toy_pipeline(datasets=("a",)))
-    assert drain(area) == 0
+    assert drain(area) == CRASHED_EXIT
     assert (area.folder(CRASHED) / "broken.yaml").read_bytes() == content
     report = (area.folder(CRASHED) / "broken.error.txt").read_text()
     assert message in report and "broken.yaml" in report
@@ -97,7 +102,9 @@ def test_unreadable_files_are_kept_and_explained(area: WorkArea, content: bytes,
 
 
 @pytest.mark.parametrize(("doc", "key", "message"), [
-    (_single("no_such_kind"), "hyperparams.kind", "unknown job kind"),
+    (_single("no_such_kind"), "stages.run.hyperparams.kind", "unknown job kind"),
+    (_single("sleep", sleep={"second": 1}), "sleep.second", "did you mean 'seconds'"),
+    (_single("sleep", dataset="a", optim={"lr": 0.1}), "optim", "read by job kind 'linear_probe'"),
     (_single("sleep", sleep={"seconds": "long"}), "sleep.seconds", "expected a number"),
     (_single("sleep", sleep={"seconds": -1}), "sleep.seconds", "at least 0"),
     ({"current_stage": "a", "stages": {"a": {"processor": "aggregate", "next_stage": "a"}}},
@@ -107,7 +114,7 @@ def test_unreadable_files_are_kept_and_explained(area: WorkArea, content: bytes,
 def test_bad_jobs_crash_with_file_and_key(area: WorkArea, doc: dict[str, Any], key: str,
                                           message: str) -> None:
     queue(area, doc, "bad.yaml")
-    assert drain(area) == 0
+    assert drain(area) == CRASHED_EXIT
     (crashed,) = area.listing(CRASHED)
     error = yamlio.load_mapping(crashed)["error"]
     assert error["key"] == key
@@ -119,7 +126,7 @@ def test_bad_jobs_crash_with_file_and_key(area: WorkArea, doc: dict[str, Any], k
 def test_unexpected_errors_are_retried_then_crashed(area: WorkArea) -> None:
     queue(area, {"name": "flaky1", **_single("test_flaky", fail_times=1)}, "flaky1.yaml")
     queue(area, {"name": "flaky9", **_single("test_flaky", fail_times=9)}, "flaky9.yaml")
-    assert drain(area, max_attempts=3) == 0
+    assert drain(area, max_attempts=3) == CRASHED_EXIT
     done = yamlio.load_mapping(area.folder(FINISHED) / "flaky1.yaml")
     assert done["result"] == 1.0 and len(done["errors"]) == 1
     crashed = yamlio.load_mapping(area.folder(CRASHED) / "flaky9.yaml")
@@ -149,9 +156,11 @@ def test_a_dead_runners_claim_is_recovered(area: WorkArea, tmp_path: Path) -> No
     assert area.listing(RUNNING) == []
 
 
-def test_waiting_on_a_crashed_child_does_not_keep_runners_forever(area: WorkArea) -> None:
+def test_waiting_on_a_crashed_child_does_not_keep_runners_forever(area: WorkArea,
+                                                                  tmp_path: Path) -> None:
     doc = toy_pipeline(datasets=("a",))
-    doc["stages"]["train_val"] = {"hyperparams": {"kind": "sleep", "sleep.seconds": "x"}}
+    # A log that is a folder: every tuning run fails while it runs, not when it is checked.
+    doc["stages"]["train_val"] = {"hyperparams": {"kind": "sleep", "sleep.log": str(tmp_path)}}
     queue(area, doc)
     assert drain(area, idle_limit=30) == BLOCKED_EXIT
     assert len(area.listing(CRASHED)) == 6
@@ -194,13 +203,13 @@ def test_a_finished_job_cannot_name_a_folder_outside_the_area(area: WorkArea) ->
     done["finished_in"] = "../../elsewhere"
     yamlio.write_mapping(area.root / "escape.yaml", done)
     (area.folder(FINISHED) / "escape.yaml").unlink()
-    assert drain(area) == 0
+    assert drain(area) == CRASHED_EXIT
     error = yamlio.load_mapping(area.folder(CRASHED) / "escape.yaml")["error"]
     assert error["key"] == "finished_in"
 
 
-@register_kind("test_broken_install")
-def _broken_install(config: dict[str, Any], ctx: StageContext) -> dict[str, Any]:
+@register_kind("test_broken_install", Section)
+def _broken_install(config: Section, ctx: StageContext) -> dict[str, Any]:
     raise RunnerEnvironmentError("operator torchvision::nms does not exist")
 
 
@@ -219,7 +228,7 @@ def test_a_name_is_reused_only_to_rerun_the_same_finished_pipeline(area: WorkAre
     assert drain(area) == 0
     queue(area, {"name": "p", **_single("sleep", sleep={"result": 0.25})}, "again.yaml")
     queue(area, {"name": "p", **_single("sleep", sleep={"result": 0.75})}, "other.yaml")
-    assert drain(area) == 0
+    assert drain(area) == CRASHED_EXIT
     assert yamlio.load_mapping(area.folder(FINISHED) / "p.yaml")["result"] == 0.25
     (crashed,) = area.listing(CRASHED)
     error = yamlio.load_mapping(crashed)["error"]
@@ -243,16 +252,29 @@ def test_a_stop_signal_while_a_job_is_read_stops_before_its_first_stage(
     assert not log.exists()  # the job's body never ran
 
 
-def test_a_bad_config_crashes_the_fork_once_instead_of_every_child(area: WorkArea) -> None:
-    queue(area, {"name": "p", "current_stage": "tune",
-                 "config": {"dataset": "digits", "data": {"root": "nowhere"},
-                            "backbone": {"name": "resnet18"}, "optim": {"lr": "fast", "epochs": 1}},
-                 "stages": {"tune": {"grid": {"seed": [0, 1, 2]}, "child_stage": "train"},
-                            "train": {"hyperparams": {"kind": "linear_probe"}}}}, "p.yaml")
-    assert drain(area) == 0
+def _probe_pipeline(**config: Any) -> dict[str, Any]:
+    return {"name": "p", "current_stage": "tune",
+            "config": {"dataset": "digits", "backbone": {"name": "resnet18"},
+                       "optim": {"lr": 0.1, "epochs": 1}, **config},
+            "stages": {"tune": {"grid": {"seed": [0, 1, 2]}, "child_stage": "train"},
+                       "train": {"hyperparams": {"kind": "linear_probe"}}}}
+
+
+@pytest.mark.parametrize(("config", "key", "message"), [
+    # The schema: checked for every planned job when the pipeline is first claimed.
+    ({"data": {"root": "nowhere"}, "optim": {"lr": "fast", "epochs": 1}}, "optim.lr",
+     "expected a number"),
+    # Data and backbone: checked by the fork for each child it would queue.
+    ({"data": {"root": "nowhere"}}, "data.root", "does not exist"),
+])
+def test_a_bad_config_crashes_the_pipeline_once_instead_of_every_child(
+        area: WorkArea, config: dict[str, Any], key: str, message: str) -> None:
+    queue(area, _probe_pipeline(**config), "p.yaml")
+    assert drain(area) == CRASHED_EXIT
     assert [p.name for p in area.listing(CRASHED)] == ["p.yaml"]
     error = yamlio.load_mapping(area.folder(CRASHED) / "p.yaml")["error"]
-    assert error["key"] == "optim.lr" and "p__tune__seed=0" in error["message"]
+    assert error["key"] == key and message in error["message"]
+    assert "in 3 jobs, e.g. p__tune__seed=0" in error["message"]
     assert area.queued() == [] and area.listing(WAITING) == []  # no child was created
 
 
@@ -283,7 +305,7 @@ def test_a_name_reused_by_a_file_of_that_name_is_checked_too(area: WorkArea) -> 
     queue(area, {"name": "p", **_single("sleep", sleep={"result": 0.25})}, "p.yaml")
     assert drain(area) == 0
     queue(area, {"name": "p", **_single("sleep", sleep={"result": 0.75})}, "p.yaml")
-    assert drain(area) == 0
+    assert drain(area) == CRASHED_EXIT
     assert yamlio.load_mapping(area.folder(FINISHED) / "p.yaml")["result"] == 0.25
     error = yamlio.load_mapping(area.folder(CRASHED) / "p.yaml")["error"]
     assert error["key"] == "name" and "finished/p.yaml" in error["message"]
@@ -291,7 +313,8 @@ def test_a_name_reused_by_a_file_of_that_name_is_checked_too(area: WorkArea) -> 
 
 @pytest.mark.parametrize(("codes", "worst"), [
     ([0, 0], 0), ([0, BLOCKED_EXIT], BLOCKED_EXIT), ([2, BLOCKED_EXIT], 2), ([BLOCKED_EXIT, 2], 2),
-    ([2, 143], 143), ([0, -9], 137), ([1, 2], 1),
+    ([2, 143], 143), ([0, -9], 137), ([1, 2], 1), ([0, CRASHED_EXIT], CRASHED_EXIT),
+    ([CRASHED_EXIT, BLOCKED_EXIT], BLOCKED_EXIT), ([CRASHED_EXIT, 2], 2),
 ])
 def test_the_supervisor_reports_the_worst_runner(codes: list[int], worst: int) -> None:
     assert worst_exit_code(codes) == worst

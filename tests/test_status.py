@@ -9,6 +9,7 @@ import pytest
 
 from tests.conftest import drain, queue, toy_pipeline
 from vtab import status
+from vtab.runner import CRASHED_EXIT
 from vtab.workarea import WorkArea
 
 
@@ -16,9 +17,10 @@ def _status(area: WorkArea) -> str:
     return "\n".join(status.status_lines(area))
 
 
-def test_each_folder_is_counted_and_its_jobs_named(area: WorkArea) -> None:
+def test_each_folder_is_counted_and_its_jobs_named(area: WorkArea, tmp_path: Path) -> None:
     doc = toy_pipeline(datasets=("a",))
-    doc["stages"]["train_val"] = {"hyperparams": {"kind": "sleep", "sleep.seconds": "x"}}
+    # A log that is a folder: every tuning run fails while it runs.
+    doc["stages"]["train_val"] = {"hyperparams": {"kind": "sleep", "sleep.log": str(tmp_path)}}
     queue(area, doc)
     drain(area)
     queue(area, {"current_stage": "run", "stages": {"run": {"hyperparams": {"kind": "sleep"}}}},
@@ -33,12 +35,12 @@ def test_each_folder_is_counted_and_its_jobs_named(area: WorkArea) -> None:
     assert re.search(rf"  running:  1\n{held}\n", text)
     assert "  waiting:  2\n    toy  0/1 children finished\n" in text
     assert "    toy__a  0/" in text and "crashed: toy__a__tune__" in text
-    assert "  crashed:  6\n" in text and "key 'sleep.seconds'" in text
+    assert "  crashed:  6\n" in text and "Is a directory" in text
 
 
 def test_unreadable_crashed_files_are_counted_until_retried(area: WorkArea) -> None:
     (area.root / "broken.yaml").write_text("current_stage: [unclosed\n")
-    assert drain(area) == 0
+    assert drain(area) == CRASHED_EXIT
     assert "    (1 unreadable files, errors in crashed/*.error.txt)" in _status(area)
     (area.folder("crashed") / "broken.yaml").rename(area.root / "broken.yaml")  # retried
     assert "unreadable files" not in _status(area)

@@ -19,6 +19,7 @@ import pytest
 from tests.conftest import drain, queue
 from tests.test_processes import start_runner, wait_for
 from vtab import workarea, yamlio
+from vtab.runner import CRASHED_EXIT
 from vtab.workarea import CRASHED, FINISHED, RUNNING, WorkArea
 
 
@@ -117,7 +118,7 @@ def test_a_job_file_deleted_while_running_is_kept_in_crashed(area: WorkArea,
     wait_for(lambda: _lease_written(area))  # the runner has read the job: it has content to keep
     area.listing(RUNNING)[0].unlink()
     output, _ = runner.communicate(timeout=60)
-    assert runner.returncode == 0, output
+    assert runner.returncode == CRASHED_EXIT, output
     crashed = yamlio.load_mapping(area.folder(CRASHED) / "job.yaml")
     assert "deleted while this runner held it" in crashed["error"]["message"]
     assert crashed["current_stage"] == "run"
@@ -141,7 +142,7 @@ def test_the_feature_cache_on_a_full_disk_fails_the_job_with_the_reason(
             "backbone": {"name": "resnet18", "weights": "none"},
             "features": {"image_size": 32}, "optim": {"lr": 0.1, "epochs": 1}},
             "stages": {"run": {"hyperparams": {"kind": "linear_probe"}}}}, "probe.yaml")
-        assert drain(area, cache_dir=cache, max_attempts=2) == 0
+        assert drain(area, cache_dir=cache, max_attempts=2) == CRASHED_EXIT
         error = yamlio.load_mapping(area.folder(CRASHED) / "probe.yaml")["error"]
         assert "No space left on device" in error["message"]
         assert error["attempt"] == 2

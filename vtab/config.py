@@ -1,7 +1,8 @@
-"""Nested configuration values addressed by dotted paths, with typed access.
+"""Nested configuration values addressed by dotted paths, and environment references.
 
-Every accessor raises `ConfigError` naming the dotted key, so a job that
-carries a bad value crashes with a message a user can act on.
+Accessors raise `ConfigError` naming the dotted key. What a job kind reads is checked by its
+schema (vtab/schema.py); these helpers serve the stage machine and the processors, which walk
+job documents.
 """
 
 from __future__ import annotations
@@ -77,32 +78,6 @@ def typed(tree: Mapping[str, Any], key: str, kind: type[T], default: Any = _MISS
         return float(value)  # type: ignore[return-value]
     if (kind is int and isinstance(value, bool)) or not isinstance(value, kind):
         raise ConfigError(key, f"expected {_type_name(kind)}, got {type(value).__name__} {value!r}")
-    return value
-
-
-def number(tree: Mapping[str, Any], key: str, default: Any = _MISSING, *,
-           minimum: float | None = None, positive: bool = False) -> float:
-    value = typed(tree, key, float, default)
-    if positive and not value > 0:
-        raise ConfigError(key, f"must be positive, got {value!r}")
-    if minimum is not None and value < minimum:
-        raise ConfigError(key, f"must be at least {minimum}, got {value!r}")
-    return value
-
-
-def integer(tree: Mapping[str, Any], key: str, default: Any = _MISSING, *,
-            minimum: int | None = None) -> int:
-    value = typed(tree, key, int, default)
-    if minimum is not None and value < minimum:
-        raise ConfigError(key, f"must be at least {minimum}, got {value!r}")
-    return value
-
-
-def choice(tree: Mapping[str, Any], key: str, options: tuple[str, ...],
-           default: Any = _MISSING) -> str:
-    value = typed(tree, key, str, default)
-    if value not in options:
-        raise ConfigError(key, f"must be one of {', '.join(options)}; got {value!r}")
     return value
 
 

@@ -1,4 +1,4 @@
-"""Job kinds: what a ``hyperparams`` stage runs, registered by name."""
+"""Job kinds: what a ``hyperparams`` stage runs, registered by name with the schema it reads."""
 
 from __future__ import annotations
 
@@ -7,22 +7,36 @@ import time
 from types import ModuleType
 from typing import Any
 
-from vtab.config import number, typed
-from vtab.errors import RunnerEnvironmentError
+from vtab.devices import environment_failure
+from vtab.errors import Advice, ConfigError, RunnerEnvironmentError
+from vtab.evaluation.schemas import LinearProbeConfig
 from vtab.fsutil import append_line
 from vtab.pipeline import StageContext, register_kind
+from vtab.schema import Field, Section
 
 
-def _check_linear_probe(config: dict[str, Any]) -> None:
-    _import_probe().check_config(config)
+def _inspect_linear_probe(config: LinearProbeConfig) -> list[ConfigError | Advice]:
+    return _import_probe().inspect(config)
 
 
-@register_kind("linear_probe", check=_check_linear_probe)
-def linear_probe(config: dict[str, Any], ctx: StageContext) -> dict[str, Any]:
+def _complete_linear_probe(config: LinearProbeConfig) -> LinearProbeConfig:
+    return _import_probe().complete_config(config)
+
+
+@register_kind("linear_probe", LinearProbeConfig, inspect=_inspect_linear_probe,
+               complete=_complete_linear_probe)
+def linear_probe(config: LinearProbeConfig, ctx: StageContext) -> dict[str, Any]:
     """Frozen backbone features (cached) and a linear head trained on them."""
-    return _import_probe().run_linear_probe(
-        config, cache_dir=ctx.features_cache(), device=ctx.device, num_workers=ctx.num_workers,
-        progress=ctx.progress, outputs_dir=ctx.outputs_dir())
+    probe = _import_probe()
+    try:
+        return probe.run_linear_probe(
+            config, cache_dir=ctx.features_cache(), device=ctx.device,
+            num_workers=ctx.num_workers, progress=ctx.progress, outputs_dir=ctx.outputs_dir())
+    except Exception as exc:
+        reason = environment_failure(exc)
+        if reason is None:
+            raise
+        raise RunnerEnvironmentError(f"{reason} ({type(exc).__name__}: {exc})") from exc
 
 
 def _import_probe() -> ModuleType:
@@ -38,16 +52,26 @@ def _import_probe() -> ModuleType:
     return probe
 
 
-@register_kind("sleep")
-def sleep(config: dict[str, Any], ctx: StageContext) -> dict[str, Any]:
-    """A job that only waits: for testing the work area and measuring queue overhead.
+class SleepSettings(Section):
+    seconds: float = Field(0.0, ge=0, description="how long the job waits")
+    log: str = Field("", description="a file to which the job appends its id and process id "
+                                     "when its body completes (shows whether a job ran twice)")
+    result: float = Field(0.0, description="the result the job reports")
 
-    ``sleep.seconds`` is the wait; ``sleep.log``, when set, is a file to which
-    the job appends one line when its body completes (an execution log that
-    shows whether a job ran twice); ``sleep.result`` is the result it reports.
-    """
-    time.sleep(number(config, "sleep.seconds", 0.0, minimum=0.0))
-    log = typed(config, "sleep.log", str, "")
-    if log:
-        append_line(log, f"{ctx.job['id']} {os.getpid()}")
-    return {"result": number(config, "sleep.result", 0.0), "metrics": {}}
+
+class SleepConfig(Section):
+    """What the ``sleep`` job kind reads: a job that only waits, for testing work areas."""
+
+    sleep: SleepSettings = Field(SleepSettings(), description="what the job does")
+    dataset: str = Field("", description="a label that summarize groups by; recorded only")
+    seed: int = Field(0, description="a label that aggregate groups by; recorded only")
+    metric: str = Field("top1", description="the name under which metrics holds the result")
+
+
+@register_kind("sleep", SleepConfig)
+def sleep(config: SleepConfig, ctx: StageContext) -> dict[str, Any]:
+    """A job that only waits: for testing the work area and measuring queue overhead."""
+    time.sleep(config.sleep.seconds)
+    if config.sleep.log:
+        append_line(config.sleep.log, f"{ctx.job['id']} {os.getpid()}")
+    return {"result": config.sleep.result, "metrics": {config.metric: config.sleep.result}}

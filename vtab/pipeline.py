@@ -18,15 +18,17 @@ import itertools
 import re
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from vtab.config import flatten, merged, resolve_env
-from vtab.errors import ConfigError
+from vtab.errors import Advice, ConfigError, did_you_mean
 from vtab.provenance import environment, now_iso
 from vtab.registry import Registry
+from vtab.schema import Section
+from vtab.schema import validate as validate_schema
 from vtab.workarea import FINISHED, WorkArea, is_valid_id
 
 STAGE_KINDS = ("grid", "processor", "hyperparams")
@@ -40,6 +42,7 @@ ROOT_KEYS = {"name", "current_stage", "config", "stages", "description"}
 BOOKKEEPING_KEYS = {"attempts", "lease", "errors", "error", "previous_errors", "history"}
 DEFAULT_MAX_GRID_POINTS = 10_000
 DEFAULT_KIND = "linear_probe"
+MAX_PLANNED_JOBS = 100_000  # a pipeline's jobs in all, checked one by one when it is queued
 
 
 @dataclass(frozen=True)
@@ -85,33 +88,66 @@ class StageContext:
         return self.cache_dir or self.area.root / "cache" / "features"
 
 
-# A job kind runs one training/evaluation and returns what goes into the job's yaml.
-JobKind = Callable[[dict[str, Any], StageContext], dict[str, Any]]
+# A kind runs with its validated config (an instance of its schema); an inspection returns
+# problems and advice about a config without doing the work.
+RunKind = Callable[[Any, StageContext], dict[str, Any]]
+Inspect = Callable[[Any], list[ConfigError | Advice]]
+
+
+@dataclass(frozen=True)
+class JobKind:
+    """What a ``hyperparams`` stage runs: the schema of its config and the code that runs it.
+
+    `inspect` looks beyond the config without doing the work (data files, model names, weights
+    in the local cache); `complete` fills in defaults that depend on more than the config (a
+    backbone's own input size), so that ``run_config`` records the value that ran.
+    """
+
+    name: str
+    schema: type[Section]
+    run: RunKind
+    inspect: Inspect | None = None
+    complete: Callable[[Any], Any] | None = None
+
+
 KINDS: Registry[JobKind] = Registry("job kind", "hyperparams.kind")
-# A kind's config check: raises ConfigError without doing any work. Forks run it on every child,
-# so that a mistake in the pipeline crashes the one job that forks instead of each of hundreds.
-ConfigCheck = Callable[[dict[str, Any]], None]
-KIND_CHECKS: dict[str, ConfigCheck] = {}
 
 
-def register_kind(name: str, check: ConfigCheck | None = None) -> Callable[[JobKind], JobKind]:
-    if check is not None:
-        KIND_CHECKS[name] = check
-    return KINDS.register(name)
+def register_kind(name: str, schema: type[Section], *,
+                  inspect: Inspect | None = None,
+                  complete: Callable[[Any], Any] | None = None) -> Callable[[RunKind], RunKind]:
+    def add(run: RunKind) -> RunKind:
+        KINDS.register(name)(JobKind(name, schema, run, inspect, complete))
+        return run
 
-# A processor edits its job document and may end it (Finish) or fork (Wait).
-Processor = Callable[[dict[str, Any], dict[str, Any], StageContext], "Outcome | None"]
-PROCESSORS: Registry[Processor] = Registry("processor", "processor")
-# The options each processor reads (besides ``kind``) and a check of their values, so that a
-# mistake is refused when the pipeline is queued, not after the grid it processes has trained.
-OptionsCheck = Callable[[Mapping[str, Any]], None]
-PROCESSOR_OPTIONS: dict[str, tuple[tuple[str, ...], OptionsCheck | None]] = {}
+    return add
 
 
-def register_processor(name: str, *options: str,
-                       check: OptionsCheck | None = None) -> Callable[[Processor], Processor]:
-    PROCESSOR_OPTIONS[name] = (options, check)
-    return PROCESSORS.register(name)
+Processor = Callable[[dict[str, Any], Any, StageContext], "Outcome | None"]
+
+
+@dataclass(frozen=True)
+class ProcessorKind:
+    """A non-training step: it edits its job document and may end it (Finish) or fork (Wait).
+
+    Its options are checked against `options` when the pipeline is read, so that a mistake is
+    refused before the grid it processes has trained.
+    """
+
+    name: str
+    options: type[Section]
+    run: Processor
+
+
+PROCESSORS: Registry[ProcessorKind] = Registry("processor", "processor")
+
+
+def register_processor(name: str, options: type[Section]) -> Callable[[Processor], Processor]:
+    def add(run: Processor) -> Processor:
+        PROCESSORS.register(name)(ProcessorKind(name, options, run))
+        return run
+
+    return add
 
 
 # -- validation ------------------------------------------------------------------------------
@@ -141,10 +177,11 @@ def validate(doc: Mapping[str, Any]) -> None:
         if not isinstance(spec, Mapping):
             raise ConfigError(f"stages.{name}", "must be a mapping")
         kind = stage_kind(stages, name)
-        unknown = set(spec) - STAGE_KEYS[kind]
+        unknown = sorted(set(spec) - STAGE_KEYS[kind])
         if unknown:
-            raise ConfigError(f"stages.{name}.{sorted(unknown)[0]}",
-                              f"unknown key for a {kind} stage (known: "
+            raise ConfigError(f"stages.{name}.{unknown[0]}",
+                              f"unknown key for a {kind} stage"
+                              f"{did_you_mean(unknown[0], STAGE_KEYS[kind])} (known: "
                               f"{', '.join(sorted(STAGE_KEYS[kind]))})")
         for ref in ("next_stage", "child_stage"):
             if ref in spec and spec[ref] not in stages:
@@ -165,30 +202,41 @@ def _validate_stage_body(name: str, kind: str, spec: Mapping[str, Any]) -> None:
     elif kind == "hyperparams":
         if not isinstance(body, Mapping):
             raise ConfigError(f"stages.{name}.hyperparams", "must be a mapping")
-        KINDS.get(body.get("kind", DEFAULT_KIND))
+        _job_kind(name, body)
     else:
-        processor_name(name, body)
+        processor_call(name, body)
 
 
-def processor_name(stage: str, body: Any) -> str:
+def _job_kind(stage: str, body: Mapping[str, Any]) -> JobKind:
+    try:
+        return KINDS.get(body.get("kind", DEFAULT_KIND))
+    except ConfigError as exc:
+        raise ConfigError(f"stages.{stage}.hyperparams.kind", exc.message) from None
+
+
+def processor_call(stage: str, body: Any) -> tuple[ProcessorKind, Section]:
+    """The processor a stage names and its options, checked."""
     name = body.get("kind") if isinstance(body, Mapping) else body
     try:
-        PROCESSORS.get(name)
+        processor = PROCESSORS.get(name)
     except ConfigError as exc:
         suffix = ".kind" if isinstance(body, Mapping) else ""
         raise ConfigError(f"stages.{stage}.processor{suffix}", exc.message) from None
     options = {k: v for k, v in body.items() if k != "kind"} if isinstance(body, Mapping) else {}
-    known, check = PROCESSOR_OPTIONS.get(name, ((), None))
-    for key in options:
-        if key not in known:
-            raise ConfigError(f"stages.{stage}.processor.{key}",
-                              f"unknown option of {name} (known: {', '.join(known) or 'none'})")
-    if check is not None:
-        try:
-            check(options)
-        except ConfigError as exc:
-            raise ConfigError(f"stages.{stage}.processor.{exc.key}", exc.message) from None
-    return name
+    return processor, validate_schema(processor.options, options,
+                                      prefix=f"stages.{stage}.processor")
+
+
+def kind_call(doc: Mapping[str, Any], stage: str) -> tuple[JobKind, Section]:
+    """The kind a hyperparams stage runs and its config (the job's with the stage's overrides
+    on top), checked against the kind's schema: every key is read, or this raises."""
+    overrides = doc["stages"][stage]["hyperparams"]
+    kind = _job_kind(stage, overrides)
+    settings = {k: v for k, v in overrides.items() if k != "kind"}
+    others = {f"job kind '{name}'": other.schema for name, other in KINDS.items()
+              if name != kind.name}
+    return kind, validate_schema(kind.schema, merged(doc.get("config", {}), settings),
+                                 elsewhere=others)
 
 
 def _check_acyclic(stages: Mapping[str, Any]) -> None:
@@ -216,10 +264,11 @@ def _check_acyclic(stages: Mapping[str, Any]) -> None:
 
 def prepare_root(doc: dict[str, Any], file_stem: str) -> dict[str, Any]:
     """Turn a pipeline as a user wrote it into a root job: id, pipeline name, resolved values."""
-    unknown = set(doc) - ROOT_KEYS - BOOKKEEPING_KEYS
+    unknown = sorted(set(doc) - ROOT_KEYS - BOOKKEEPING_KEYS)
     if unknown:
-        raise ConfigError(sorted(unknown)[0], f"unknown top-level key in a pipeline (known: "
-                                              f"{', '.join(sorted(ROOT_KEYS))})")
+        raise ConfigError(unknown[0], f"unknown top-level key in a pipeline"
+                                      f"{did_you_mean(unknown[0], ROOT_KEYS)} (known: "
+                                      f"{', '.join(sorted(ROOT_KEYS))})")
     name = doc.get("name", file_stem)
     if not isinstance(name, str) or not is_valid_id(name):
         raise ConfigError("name", f"{name!r} cannot name a pipeline: use letters, digits and "
@@ -316,16 +365,14 @@ def _child_id(doc: Mapping[str, Any], stage: str, point: Mapping[str, Any], axes
 def execute_stage(doc: dict[str, Any], ctx: StageContext) -> Outcome:
     """Run the job's current stage; the caller writes `doc` and moves the file."""
     stage = doc["current_stage"]
-    spec = doc["stages"][stage]
     kind = stage_kind(doc["stages"], stage)
     if kind == "grid":
         return _fork(doc, stage, ctx)
     if kind == "processor":
-        options = dict(spec["processor"]) if isinstance(spec["processor"], Mapping) else {}
-        options.pop("kind", None)
-        outcome = PROCESSORS.get(processor_name(stage, spec["processor"]))(doc, options, ctx)
+        processor, options = processor_call(stage, doc["stages"][stage]["processor"])
+        outcome = processor.run(doc, options, ctx)
         return outcome if outcome is not None else after(doc, stage)
-    _run_kind(doc, stage, spec["hyperparams"], ctx)
+    _run_kind(doc, stage, ctx)
     return after(doc, stage)
 
 
@@ -338,8 +385,11 @@ def after(doc: Mapping[str, Any], stage: str) -> Outcome:
 def _fork(doc: dict[str, Any], stage: str, ctx: StageContext) -> Outcome:
     children = children_of(doc, stage, ctx.max_grid_points)
     _check_not_forked_before(doc, stage, [c["id"] for c in children])
+    report = PlanReport()
     for child in children:
-        _check_kind_config(child)
+        if stage_kind(child["stages"], child["current_stage"]) == "hyperparams":
+            report.add(child["id"], inspect_run(child, child["current_stage"], deep=True))
+    report.raise_errors("checked before the children were queued")
     for child in children:
         ctx.area.create(child["id"], child)  # idempotent: a retried fork skips existing children
     ids = [c["id"] for c in children]
@@ -356,41 +406,110 @@ def _check_not_forked_before(doc: Mapping[str, Any], stage: str, ids: list[str])
                                                       f"stage {other!r} already forked")
 
 
-def _kind_call(doc: Mapping[str, Any], overrides: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
-    """The kind a hyperparams stage runs and the config it gets."""
-    settings = {k: v for k, v in overrides.items() if k != "kind"}
-    return overrides.get("kind", DEFAULT_KIND), merged(doc.get("config", {}), settings)
-
-
-def _check_kind_config(child: Mapping[str, Any]) -> None:
-    stage = child["current_stage"]
-    if stage_kind(child["stages"], stage) != "hyperparams":
-        return
-    name, config = _kind_call(child, child["stages"][stage]["hyperparams"])
-    check = KIND_CHECKS.get(name)
-    if check is None:
-        return
-    try:
-        check(config)
-    except ConfigError as exc:
-        raise ConfigError(exc.key, f"{exc.message} (in the config of the child {child['id']}, "
-                                   "checked before it was queued)") from None
-
-
-def _run_kind(doc: dict[str, Any], stage: str, overrides: Mapping[str, Any],
-              ctx: StageContext) -> None:
+def _run_kind(doc: dict[str, Any], stage: str, ctx: StageContext) -> None:
     if doc.get("result_stage") == stage and "result" in doc:
         return  # re-running a job that already has its result does not train again
-    name, config = _kind_call(doc, overrides)
-    kind = KINDS.get(name)
+    kind, config = kind_call(doc, stage)
+    if kind.complete is not None:
+        config = kind.complete(config)
     started = time.monotonic()
-    output = kind(config, ctx)
+    output = kind.run(config, ctx)
     doc.update(output)
-    doc["run_config"] = {"kind": name, **config}  # exactly what ran: config + stage overrides
+    # Exactly what ran: every key the kind read, defaults filled in, nothing it ignored.
+    doc["run_config"] = {"kind": kind.name, **config.model_dump(mode="json")}
     doc.setdefault("timings", {})["total_s"] = round(time.monotonic() - started, 3)
     doc["result_stage"] = stage
     doc["provenance"] = {**environment(ctx.device), "host": ctx.host, "runner": ctx.runner,
                          "finished_at": now_iso()}
+
+
+# -- checking a whole pipeline -----------------------------------------------------------------
+
+
+def planned_runs(doc: dict[str, Any], limit: int) -> Iterator[tuple[dict[str, Any], str]]:
+    """Every (job, hyperparams stage) that `doc` will run, its forks expanded, in order.
+
+    A stage after a processor sees the config as it is before the processor ran (select_best
+    writes one of the grid's own values, which the grid's jobs have checked).
+    """
+    stage = doc["current_stage"]
+    while stage:
+        kind = stage_kind(doc["stages"], stage)
+        if kind == "grid":
+            for child in children_of(doc, stage, limit):
+                yield from planned_runs(child, limit)
+        elif kind == "hyperparams":
+            yield doc, stage
+        stage = doc["stages"][stage].get("next_stage")
+
+
+def count_jobs(doc: dict[str, Any], limit: int) -> int:
+    """Jobs the pipeline creates, itself included (forks after a selection are counted too)."""
+    total, stage = 1, doc["current_stage"]
+    while stage:
+        if stage_kind(doc["stages"], stage) == "grid":
+            children = children_of(doc, stage, limit)
+            total += len(children) * count_jobs(children[0], limit)
+        stage = doc["stages"][stage].get("next_stage")
+    return total
+
+
+def inspect_run(job: Mapping[str, Any], stage: str, *, deep: bool) -> list[ConfigError | Advice]:
+    """The problems of one planned run: its config against the kind's schema, and when `deep`,
+    what the kind's own inspection finds (data files, model names, cached weights)."""
+    try:
+        kind, config = kind_call(job, stage)
+    except ConfigError as exc:
+        return list(exc.problems)
+    if not deep or kind.inspect is None:
+        return []
+    return kind.inspect(config)
+
+
+@dataclass
+class PlanReport:
+    """Problems found in planned jobs, each listed once with the jobs that have it."""
+
+    errors: dict[tuple[str, str], list[str]] = field(default_factory=dict)
+    advice: dict[tuple[str, str], list[str]] = field(default_factory=dict)
+    runs: int = 0
+
+    def add(self, job_id: str, findings: list[ConfigError | Advice]) -> None:
+        self.runs += 1
+        for finding in findings:
+            into = self.advice if isinstance(finding, Advice) else self.errors
+            into.setdefault((finding.key, finding.message), []).append(job_id)
+
+    def raise_errors(self, note: str) -> None:
+        """One ConfigError with every problem; which jobs have them is said once per run of
+        problems that the same jobs have."""
+        if not self.errors:
+            return
+        entries = list(self.errors.items())
+        problems = []
+        for index, ((key, message), jobs) in enumerate(entries):
+            last = index + 1 == len(entries) or entries[index + 1][1] != jobs
+            where = f" ({jobs_phrase(jobs)}; {note})" if last else ""
+            problems.append(ConfigError(key, message + where))
+        raise ConfigError.combine(problems)
+
+
+def jobs_phrase(jobs: list[str]) -> str:
+    """``in the job a`` or ``in 24 jobs, e.g. a``."""
+    return f"in the job {jobs[0]}" if len(jobs) == 1 else f"in {len(jobs)} jobs, e.g. {jobs[0]}"
+
+
+def check_plan(root: dict[str, Any], limit: int, *, deep: bool) -> PlanReport:
+    """Check every job `root` will run against its kind's schema (and, when `deep`, the kind's
+    inspection), before anything is forked."""
+    total = count_jobs(root, limit)
+    if total > MAX_PLANNED_JOBS:
+        raise ConfigError("stages", f"the pipeline expands to {total} jobs in all, more than "
+                                    f"{MAX_PLANNED_JOBS}: split it into several pipelines")
+    report = PlanReport()
+    for job, stage in planned_runs(root, limit):
+        report.add(job["id"], inspect_run(job, stage, deep=deep))
+    return report
 
 
 def missing_children(doc: Mapping[str, Any], area: WorkArea) -> list[str]:

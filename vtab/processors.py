@@ -18,17 +18,18 @@ import os
 import statistics
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from vtab import yamlio
-from vtab.config import choice, get_path, set_path, typed
+from vtab.config import get_path, set_path, typed
 from vtab.errors import ConfigError, VtabError
 from vtab.faults import crash_point
 from vtab.pipeline import Finish, StageContext, register_processor
 from vtab.provenance import now_iso
+from vtab.schema import Field, Section
 from vtab.workarea import SUMMARIZED, WorkArea
 
-SUMMARY_KEYS = ("result", "std", "seeds", "metrics", "selected", "tuning")
+SUMMARY_KEYS = ("result", "std", "seeds", "metrics", "evaluated_on", "selected", "tuning")
 
 
 def _where(doc: Mapping[str, Any]) -> str:
@@ -36,9 +37,26 @@ def _where(doc: Mapping[str, Any]) -> str:
     return f"stages.{doc['current_stage']}.processor"
 
 
-def _fork_children(doc: Mapping[str, Any], options: Mapping[str, Any]) -> list[str]:
+class FromFork(Section):
+    grid_stage: str | None = Field(None, description="the grid stage whose children are read; "
+                                                     "default: the job's latest fork")
+
+
+class SelectBestOptions(FromFork):
+    seed_key: str = Field("seed", description="the config key that tells seeds apart; settings "
+                                              "are grouped without it")
+    metric: str = Field("result", description="the dotted key of each child to rank by "
+                                              "(result, metrics.macro_f1, ...)")
+    mode: Literal["max", "min"] = Field("max", description="whether higher or lower is better")
+
+
+class AggregateOptions(FromFork):
+    seed_key: str = Field("seed", description="the config key that tells seeds apart")
+
+
+def _fork_children(doc: Mapping[str, Any], options: FromFork) -> list[str]:
     forks = doc.get("forks") or {}
-    stage = options.get("grid_stage") or (next(reversed(forks)) if forks else None)
+    stage = options.grid_stage or (next(reversed(forks)) if forks else None)
     if stage not in forks:
         raise ConfigError(f"{_where(doc)}.grid_stage",
                           f"no children were forked by stage {stage!r} "
@@ -53,7 +71,7 @@ def _load_done(area: WorkArea, pipeline: str, job_id: str) -> dict[str, Any]:
     return yamlio.load_mapping(path)
 
 
-def _children(doc: Mapping[str, Any], options: Mapping[str, Any],
+def _children(doc: Mapping[str, Any], options: FromFork,
               ctx: StageContext) -> list[dict[str, Any]]:
     return [_load_done(ctx.area, doc["pipeline"], c) for c in _fork_children(doc, options)]
 
@@ -90,23 +108,13 @@ def _one_per_key(doc: Mapping[str, Any], what: str, hint: str,
     return out
 
 
-def _check_options(options: Mapping[str, Any]) -> None:
-    """Every processor option names a stage, a key or a metric; `mode` is max or min."""
-    for key in ("grid_stage", "seed_key", "metric"):
-        typed(options, key, str, "")
-    choice(options, "mode", ("max", "min"), "max")
-
-
-@register_processor("select_best", "grid_stage", "seed_key", "metric", "mode",
-                    check=_check_options)
-def select_best(doc: dict[str, Any], options: dict[str, Any], ctx: StageContext) -> None:
+@register_processor("select_best", SelectBestOptions)
+def select_best(doc: dict[str, Any], options: SelectBestOptions, ctx: StageContext) -> None:
     """Pick the setting with the best mean over seeds; ties go to the first in grid order.
 
     A NaN mean ranks last: `max`/`min` would keep or skip it depending on where it stands.
     """
-    seed_key = options.get("seed_key", "seed")
-    metric = options.get("metric", "result")
-    higher = options.get("mode", "max") == "max"  # checked when the pipeline was read
+    seed_key, metric, higher = options.seed_key, options.metric, options.mode == "max"
     groups: dict[tuple[tuple[str, str], ...], tuple[dict[str, Any], list[float]]] = {}
     for child in _children(doc, options, ctx):
         setting = {k: v for k, v in child.get("point", {}).items() if k != seed_key}
@@ -127,10 +135,10 @@ def select_best(doc: dict[str, Any], options: dict[str, Any], ctx: StageContext)
         set_path(doc["config"], key, value)
 
 
-@register_processor("aggregate", "grid_stage", "seed_key", check=_check_options)
-def aggregate(doc: dict[str, Any], options: dict[str, Any], ctx: StageContext) -> None:
+@register_processor("aggregate", AggregateOptions)
+def aggregate(doc: dict[str, Any], options: AggregateOptions, ctx: StageContext) -> None:
     """Mean and std over the seeds of the final runs, one child per seed."""
-    seed_key = options.get("seed_key", "seed")
+    seed_key = options.seed_key
     children = _children(doc, options, ctx)
     results = [_value(c, "result") for c in children]
     seeds = _one_per_key(
@@ -139,6 +147,8 @@ def aggregate(doc: dict[str, Any], options: dict[str, Any], ctx: StageContext) -
          for c, r in zip(children, results, strict=True)])
     doc["result"], doc["std"] = _mean_std(results)
     doc["seeds"] = seeds
+    doc["evaluated_on"] = _common(doc, "evaluation split and metric",
+                                  [(c["id"], evaluated_on(c)) for c in children])
     names = sorted({m for c in children for m in (c.get("metrics") or {})})
     doc["metrics"] = {}
     for name in names:
@@ -146,20 +156,41 @@ def aggregate(doc: dict[str, Any], options: dict[str, Any], ctx: StageContext) -
         doc["metrics"][name] = {"mean": mean, "std": std}
 
 
-@register_processor("summarize", "grid_stage", check=_check_options)
-def summarize(doc: dict[str, Any], options: dict[str, Any], ctx: StageContext) -> Finish:
+def evaluated_on(job: Mapping[str, Any]) -> dict[str, Any]:
+    """The split and metric behind a job's result: recorded by aggregate, or what it ran with."""
+    if "evaluated_on" in job:
+        return dict(job["evaluated_on"])
+    return {"split": get_path(job, "run_config.data.eval_split", None),
+            "metric": get_path(job, "run_config.metric", None)}
+
+
+def _common(doc: Mapping[str, Any], what: str, entries: list[tuple[str, Any]]) -> Any:
+    """The value every child has; children that differ would make one number of two things."""
+    for child_id, value in entries[1:]:
+        if value != entries[0][1]:
+            raise ConfigError(_where(doc), f"the children {entries[0][0]} and {child_id} differ "
+                                           f"in their {what} ({entries[0][1]} and {value}): "
+                                           "they cannot be averaged into one result")
+    return entries[0][1] if entries else None
+
+
+@register_processor("summarize", FromFork)
+def summarize(doc: dict[str, Any], options: FromFork, ctx: StageContext) -> Finish:
     """Write the pipeline's summary and move every job of the pipeline beside it."""
     pipeline = doc["pipeline"]
     datasets = _one_per_key(
         doc, "dataset", "the summary has one entry per dataset; sweep only the dataset in the "
                         "grid it summarizes (tune and aggregate inside each dataset's job)",
         [(get_path(c, "config.dataset", c["id"]), c["id"],
-          {k: c[k] for k in SUMMARY_KEYS if k in c}) for c in _children(doc, options, ctx)])
+          {**{k: c[k] for k in SUMMARY_KEYS if k in c}, "evaluated_on": evaluated_on(c)})
+         for c in _children(doc, options, ctx)])
     config = doc.get("config", {})
+    shared = _shared([entry.get("evaluated_on") or {} for entry in datasets.values()])
     summary = {
         "pipeline": pipeline,
         "finished_at": now_iso(),
-        "metric": config.get("metric", "top1"),
+        "metric": shared.get("metric"),  # what the table says it shows; null where they differ
+        "split": shared.get("split"),
         "backbone": config.get("backbone", {}),
         "datasets": datasets,
     }
@@ -167,6 +198,13 @@ def summarize(doc: dict[str, Any], options: dict[str, Any], ctx: StageContext) -
     _move_tree(ctx.area, doc, folder)
     yamlio.write_mapping(folder / "summary.yaml", summary)
     return Finish(f"{SUMMARIZED}/{pipeline}/jobs")
+
+
+def _shared(entries: list[Mapping[str, Any]]) -> dict[str, Any]:
+    """The keys on which all `entries` agree (a summary's datasets may differ in split)."""
+    keys = {key for entry in entries for key in entry}
+    return {key: entries[0].get(key) for key in keys
+            if len({repr(entry.get(key)) for entry in entries}) == 1}
 
 
 def _move_tree(area: WorkArea, root: Mapping[str, Any], folder: Path) -> None:

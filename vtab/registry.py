@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-from vtab.errors import ConfigError
+from vtab.errors import ConfigError, did_you_mean
 
 T = TypeVar("T")
 
@@ -28,10 +27,12 @@ class Registry(Generic[T]):
 
         return add
 
+    def items(self) -> list[tuple[str, T]]:
+        return list(self._entries.items())
+
     def get(self, name: object) -> T:
         if not isinstance(name, str) or name not in self._entries:
-            close = difflib.get_close_matches(str(name), self._entries, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            hint = did_you_mean(name, self._entries)
             raise ConfigError(self.key, f"unknown {self.what} {name!r}{hint}; known: "
                                         f"{', '.join(sorted(self._entries))}")
         return self._entries[name]

@@ -42,7 +42,8 @@ class ResultsError(VtabError):
 
 @dataclass(frozen=True)
 class Score:
-    """One dataset's primary metric on test, as fractions: mean and std over the final seeds."""
+    """One dataset's primary metric on its evaluation split, as fractions: mean and std over the
+    final seeds."""
 
     mean: float
     std: float | None
@@ -55,6 +56,7 @@ class PipelineResult:
     pipeline: str
     backbone: dict[str, Any]
     metric: str | None
+    split: str | None  # the evaluation split of every dataset, when the summary records one
     scores: dict[str, Score]
     selected: dict[str, dict[str, Any]]  # dataset -> {dotted hyperparameter: value}
 
@@ -139,6 +141,7 @@ def _parse_summary(data: dict[str, Any], pipeline: str) -> PipelineResult:
         pipeline=pipeline,
         backbone=_get(data, "backbone", dict, "a mapping", default={}),
         metric=_get(data, "metric", str, "a string", default=None),
+        split=_get(data, "split", str, "a string", default=None),
         scores={name: _score(entry, f"datasets.{name}") for name, entry in entries.items()},
         selected={name: dict(flatten(_get(entry, "selected", dict, "a mapping",
                                           f"datasets.{name}", default={})))
@@ -250,7 +253,7 @@ def render_csv(table: Table) -> str:
     """One row per pipeline; numbers in percent at full precision (column suffix ``_pct``)."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["pipeline", "backbone", "weights", "metric",
+    writer.writerow(["pipeline", "backbone", "weights", "metric", "split",
                      *(f"{name}{suffix}" for name in table.datasets
                        for suffix in ("_pct", "_std_pct")),
                      *(f"{name}_pct" for name in table.aggregates), "missing"])
@@ -260,6 +263,7 @@ def render_csv(table: Table) -> str:
         writer.writerow([
             result.pipeline, _or_empty(result.backbone.get("name")),
             _or_empty(result.backbone.get("weights")), _or_empty(result.metric),
+            _or_empty(result.split),
             *(_or_empty(percent(value)) for score in scores
               for value in ((score.mean, score.std) if score else (None, None))),
             *(_or_empty(percent(row.aggregates[name])) for name in table.aggregates),
@@ -285,6 +289,7 @@ def _json_row(table: Table, row: Row) -> dict[str, Any]:
         "pipeline": result.pipeline,
         "backbone": result.backbone,
         "metric": result.metric,
+        "split": result.split,
         "results": {name: {"mean": percent(score.mean), "std": percent(score.std)}
                     for name in table.datasets if (score := result.scores.get(name))},
         "aggregates": {name: percent(value) for name, value in row.aggregates.items()},
@@ -304,11 +309,24 @@ def _or_empty(value: Any) -> str:
 
 def _caption(table: Table, show_std: bool) -> str:
     spread = "mean±std" if show_std else "mean"
-    caption = f"Results in percent: {spread} over seeds of each pipeline's metric on test."
+    caption = f"Results in percent: {spread} over seeds of {_shown(table)}."
     if table.aggregates:
         caption += (" Group means (and the 19-task mean) are means of dataset means, shown only"
                     " when the row has every dataset of the group.")
     return caption
+
+
+def _shown(table: Table) -> str:
+    """What the cells are, as the summaries record it: the metric and the evaluation split."""
+    results = [row.result for row in table.rows]
+    metrics = {result.metric for result in results}
+    splits = {result.split for result in results}
+    metric = (f"{next(iter(metrics))}" if len(metrics) == 1 and None not in metrics
+              else "each pipeline's metric (column 'metric')")
+    if len(splits) == 1 and None not in splits:
+        return f"{metric} on {next(iter(splits))}"
+    named = ", ".join(f"{r.pipeline}: {r.split or 'not recorded'}" for r in results)
+    return f"{metric} on each pipeline's evaluation split ({named})"
 
 
 def _oriented_grid(table: Table, show_std: bool, transpose: bool) -> tuple[list[list[str]], int]:

@@ -26,6 +26,15 @@ from types import FrameType
 from typing import Any
 
 from vtab import kinds, processors, provenance, yamlio  # noqa: F401  (registers kinds and processors)
+from vtab.devices import (
+    CPU,
+    DeviceError,
+    check_devices,
+    claim_gpu,
+    default_devices,
+    parse_devices,
+    physical_gpu,
+)
 from vtab.errors import ConfigError, RunnerEnvironmentError, VtabError
 from vtab.pipeline import (
     DEFAULT_MAX_GRID_POINTS,
@@ -33,6 +42,7 @@ from vtab.pipeline import (
     Finish,
     StageContext,
     Wait,
+    check_plan,
     execute_stage,
     join,
     missing_children,
@@ -55,7 +65,11 @@ from vtab.workarea import (
 
 log = logging.getLogger("vtab.runner")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+# Exit codes (README, "Exit codes"); a stop signal N gives 128 + N.
+DRAINED_EXIT = 0  # everything this runner worked on ended finished or summarized
+CANNOT_RUN_EXIT = 2  # this runner cannot run jobs here (devices, install, storage); bad arguments
 BLOCKED_EXIT = 3  # drained, but jobs are left in waiting/ on crashed or missing children
+CRASHED_EXIT = 4  # drained, but jobs this runner worked on crashed and are still in crashed/
 
 
 class StopRequested(BaseException):
@@ -145,8 +159,8 @@ class Runner:
         self.watcher = LeaseWatcher(settings.lease_timeout)
         self.heartbeat = Heartbeat(area, settings.heartbeat_interval)
         self.stop_signal: int | None = None
-        self.abandoned = False
         self.broken: str | None = None  # why this runner cannot run jobs at all
+        self.crashed: dict[str, tuple[str, str]] = {}  # job id -> (pipeline, first error line)
         self._storage_failures = 0
         self._interruptible = False
         self._last_sweep = 0.0
@@ -180,7 +194,7 @@ class Runner:
             quiet_checks = quiet_checks + 1 if self._drained() else 0
             if quiet_checks >= 2:  # twice in a row, so a job in flight between folders is seen
                 if self._report_blocked():
-                    return BLOCKED_EXIT
+                    return self._exit_code(blocked=True)
                 log.info("work area drained after %d jobs of this runner: nothing queued, "
                          "running or waiting; exiting", self.jobs_done)
                 break
@@ -189,13 +203,37 @@ class Runner:
                 log.info("no work for %.0f s (--idle_limit); exiting", limit)
                 break
             self._pause(self.settings.poll_interval)
+        return self._exit_code(blocked=False)
+
+    def _exit_code(self, blocked: bool) -> int:
+        """What happened, the worst first: a stop signal, a runner that cannot run jobs here,
+        waiting jobs blocked on crashed ones, jobs of this runner that crashed, else drained."""
+        if self.stop_signal is not None:
+            log.info("stopped by signal %d after %d jobs", self.stop_signal, self.jobs_done)
+            return 128 + self.stop_signal
         if self.broken is not None:
             log.error("this runner cannot run jobs, stopping: %s", self.broken)
-            return 2
-        if self.stop_signal is None:
-            return 0
-        log.info("stopped by signal %d after %d jobs", self.stop_signal, self.jobs_done)
-        return 128 + self.stop_signal if self.abandoned else 0
+            return CANNOT_RUN_EXIT
+        if blocked:
+            return BLOCKED_EXIT
+        return CRASHED_EXIT if self._report_crashed() else DRAINED_EXIT
+
+    def _report_crashed(self) -> bool:
+        """Name the pipelines whose jobs this runner crashed (those still in crashed/)."""
+        still = {job_id: entry for job_id, entry in self.crashed.items()
+                 if (self.area.folder(CRASHED) / (job_id + SUFFIX)).exists()}
+        by_pipeline: dict[str, list[tuple[str, str]]] = {}
+        for job_id, (pipeline, error) in still.items():
+            by_pipeline.setdefault(pipeline, []).append((job_id, error))
+        for pipeline, jobs in sorted(by_pipeline.items()):
+            first_id, first_error = jobs[0]
+            log.error("pipeline %s: %d job(s) crashed; the first, %s: %s", pipeline, len(jobs),
+                      first_id, first_error)
+        if still:
+            log.error("%d job(s) crashed (in %s; fix the cause and move them back into the "
+                      "work area to retry); exiting with code %d", len(still),
+                      self.area.folder(CRASHED), CRASHED_EXIT)
+        return bool(still)
 
     def step(self) -> bool:
         """One unit of work: a sweep when due, then one claim. True if anything happened."""
@@ -282,6 +320,11 @@ class Runner:
             self._give_back(claim, doc)
         except RunnerEnvironmentError as exc:
             self.broken = str(exc)
+            if doc is not None:
+                doc.setdefault("errors", []).append({
+                    **self._error_record(exc, claim, doc),
+                    "note": "the runner's environment, not the job: not counted as an attempt; "
+                            "the runner gave the job back and stopped"})
             self._give_back(claim, doc)
         except LeaseLost:
             self._lost(claim, doc)
@@ -316,6 +359,7 @@ class Runner:
                       "its last state is kept here"), claim, doc)
         doc.pop("lease", None)
         yamlio.write_mapping(self.area.folder(CRASHED) / (job_id + SUFFIX), doc)
+        self._note_crash(job_id, doc.get("pipeline"), doc["error"])
         log.error("%s: its file was deleted while running; saved to crashed/", job_id)
 
     def _storage_trouble(self, claim: Claim | None, exc: StorageError) -> None:
@@ -369,6 +413,9 @@ class Runner:
         if "id" not in doc:
             doc = prepare_root(doc, claim.job_id)
             self._check_name_is_free(claim, doc)
+            # Every job the pipeline will run, against its kind's schema, before any fork.
+            check_plan(doc, self.settings.max_grid_points, deep=False).raise_errors(
+                "checked when the pipeline was first claimed, before anything was forked")
             return doc
         if not is_valid_id(doc["id"]):
             raise ConfigError("id", f"{doc['id']!r} is not a valid job id (it must be a plain "
@@ -541,7 +588,6 @@ class Runner:
 
     def _give_back(self, claim: Claim, doc: dict[str, Any] | None) -> None:
         """The runner stops: the attempt does not count, the job goes back to the queue."""
-        self.abandoned = True
         if doc is not None:
             doc["attempts"] = max(0, int(doc.get("attempts") or 1) - 1)
         self._write_and_move(claim, doc, self.area.root)
@@ -598,7 +644,13 @@ class Runner:
             doc["error"]["note"] = note
         log.error("%s crashed: %s", claim.job_id, doc["error"]["message"])
         job_id = doc["id"] if is_valid_id(doc.get("id")) else claim.job_id
+        self._note_crash(job_id, doc.get("pipeline"), doc["error"])
         self._write_and_move(claim, doc, self.area.folder(CRASHED), job_id)
+
+    def _note_crash(self, job_id: str, pipeline: object, error: dict[str, Any]) -> None:
+        first_line = (str(error.get("message")).splitlines() or [""])[0]
+        self.crashed[job_id] = (pipeline if isinstance(pipeline, str) else job_id,
+                                f"{error.get('type')}: {first_line}")
 
     def _crash_unreadable(self, claim: Claim, exc: BaseException) -> None:
         """Keep the file byte for byte; its error goes beside it in ``<id>.error.txt``."""
@@ -611,6 +663,7 @@ class Runner:
         except (LeaseLost, OSError):
             log.exception("%s: could not move it to crashed/", claim.job_id)
             return
+        self._note_crash(claim.job_id, None, report["error"])
         log.error("%s crashed: %s", claim.job_id, exc)
 
 
@@ -621,14 +674,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="main_runner.py",
         description="Start runners that drain a work area: one process per --devices entry.",
-        epilog="Exit codes (the worst of all runners): 0 drained; 2 a runner could not run jobs "
-               "(broken install, storage failing) or bad arguments; 3 drained, but jobs in "
-               "waiting/ wait on crashed jobs; 128+N stopped by signal N while holding a job.")
+        epilog="Exit codes (the worst of all runners, in this order): 128+N stopped by signal "
+               "N; 2 a runner could not run jobs here (bad --devices, broken install, weights "
+               "it cannot fetch, storage failing) or bad arguments; 3 drained, but jobs in "
+               "waiting/ wait on crashed jobs; 4 drained, but jobs crashed; 0 drained, "
+               "everything finished or summarized.")
     parser.add_argument("--work_area", type=Path, default=Path("./work"),
                         help="the shared work area folder (default: ./work)")
-    parser.add_argument("--devices", default="0" if _has_cuda_hint() else "cpu",
+    parser.add_argument("--devices", default=default_devices(),
                         help="comma-separated devices, one runner each: GPU indices (0,1,3) or "
-                             "'cpu', which may repeat (cpu,cpu); default: 0 with CUDA, else cpu")
+                             "'cpu', which may repeat (cpu,cpu); checked before anything is "
+                             "claimed; default: 0 with CUDA, else cpu")
     parser.add_argument("--num_workers", type=int, default=0,
                         help="data loading worker processes per runner (default: 0)")
     parser.add_argument("--threads", type=int, default=None,
@@ -657,13 +713,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _has_cuda_hint() -> bool:
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:  # set empty, it hides every GPU
-        return bool(visible.strip())
-    return Path("/dev/nvidia0").exists()
-
-
 def settings_from(args: argparse.Namespace) -> RunnerSettings:
     return RunnerSettings(lease_timeout=args.lease_timeout, max_attempts=args.max_attempts,
                           idle_limit=args.idle_limit, max_jobs=args.max_jobs,
@@ -677,12 +726,16 @@ def settings_from(args: argparse.Namespace) -> RunnerSettings:
 def run_one(args: argparse.Namespace, device: str) -> int:
     """Run one runner in this process, pinned to `device` ('cpu' or a GPU index)."""
     index = f"#{args.runner_index}" if args.runner_index is not None else ""
-    torch_device = "cpu" if device == "cpu" else "cuda"
-    if device != "cpu":  # before torch is imported by a job
-        os.environ["CUDA_VISIBLE_DEVICES"] = physical_gpu(device) or device
+    torch_device = "cpu" if device == CPU else "cuda"
     name = f"{args.host_id}:{os.getpid()}:{device}{index}"
     logging.basicConfig(level=logging.INFO, force=True,
                         format=f"%(asctime)s [{name}] %(levelname)s %(message)s")
+    if device != CPU:  # before torch is imported by a job: CUDA reads the mask once
+        os.environ["CUDA_VISIBLE_DEVICES"] = physical_gpu(device) or device
+        problem = claim_gpu()
+        if problem is not None:
+            log.error("--devices %s: %s; stopping before claiming anything", device, problem)
+            return CANNOT_RUN_EXIT
     if args.threads:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
         import torch
@@ -692,24 +745,14 @@ def run_one(args: argparse.Namespace, device: str) -> int:
     return Runner(area, settings_from(args), torch_device, name).run()
 
 
-def physical_gpu(index: str) -> str | None:
-    """The GPU that `index` names: the index-th entry of an inherited CUDA_VISIBLE_DEVICES
-    (SLURM and others set one), else the index itself; None if the mask has no such entry."""
-    inherited = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if inherited is None:
-        return index
-    visible = [entry.strip() for entry in inherited.split(",") if entry.strip()]
-    return visible[int(index)] if int(index) < len(visible) else None
-
-
 def supervise(args: argparse.Namespace, argv: list[str], devices: list[str]) -> int:
     """One child process per device; stop signals are passed on; exit with the worst code."""
-    cpu_runners = sum(d == "cpu" for d in devices)
+    cpu_runners = sum(d == CPU for d in devices)
     threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, cpu_runners))
     children = []
     for index, device in enumerate(devices):
         env = dict(os.environ)
-        if device == "cpu":
+        if device == CPU:
             env["CUDA_VISIBLE_DEVICES"] = ""
         command = [sys.executable, "-m", "vtab.runner", *argv, "--devices", device,
                    "--runner_index", str(index), "--threads", str(threads)]
@@ -723,30 +766,49 @@ def supervise(args: argparse.Namespace, argv: list[str], devices: list[str]) -> 
     for sig in STOP_SIGNALS:
         signal.signal(sig, forward)
     codes = [child.wait() for child in children]
-    print(f"main_runner: {len(children)} runners exited with codes {codes}", flush=True)
-    return worst_exit_code(codes)
+    worst = worst_exit_code(codes)
+    print(f"main_runner: {len(children)} runners exited with codes {codes}: "
+          f"{describe_exit_code(worst)}", flush=True)
+    return worst
+
+
+_EXIT_RANK = {DRAINED_EXIT: 0, CRASHED_EXIT: 1, BLOCKED_EXIT: 2, CANNOT_RUN_EXIT: 3}
 
 
 def worst_exit_code(codes: list[int]) -> int:
     """The code that says most: a signal (a killed child, -N, becomes 128+N), then a runner
-    that could not run jobs (2), then blocked waiting jobs (3), then drained (0)."""
+    that could not run jobs (2), then blocked waiting jobs (3), then crashed jobs (4), then
+    drained (0)."""
     shell = [128 - code if code < 0 else code for code in codes]
-    rank = {0: 0, BLOCKED_EXIT: 1, 2: 2}
-    return max(shell, key=lambda code: rank.get(code, 3 + code))
+    return max(shell, key=lambda code: _EXIT_RANK.get(code, len(_EXIT_RANK) + code))
+
+
+def describe_exit_code(code: int) -> str:
+    meanings = {DRAINED_EXIT: "drained, everything finished or summarized",
+                CRASHED_EXIT: "drained, but jobs crashed (see crashed/)",
+                BLOCKED_EXIT: "drained, but waiting jobs wait on crashed jobs",
+                CANNOT_RUN_EXIT: "a runner could not run jobs here"}
+    if code > 128:
+        return f"stopped by signal {code - 128}"
+    return meanings.get(code, "a runner failed unexpectedly")
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    devices = [d.strip() for d in args.devices.split(",") if d.strip()]
-    bad = [d for d in devices if d != "cpu" and not d.isdigit()]
-    if not devices or bad:
-        build_parser().error(f"--devices: expected GPU indices or 'cpu', got {args.devices!r}")
-    unseen = [d for d in devices if d != "cpu" and physical_gpu(d) is None]
-    if unseen:
-        build_parser().error(f"--devices: GPU index {unseen[0]} is not among the "
-                             f"CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']!r} "
-                             "this runner inherited (indices count within it)")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        devices = parse_devices(args.devices)
+    except DeviceError as exc:
+        parser.error(str(exc))
+    if args.runner_index is None:  # a runner started by `supervise` was checked by it
+        problems = check_devices(devices)
+        if problems:
+            for problem in problems:
+                print(f"main_runner: {problem}", file=sys.stderr)
+            print("main_runner: nothing was claimed; the work area is untouched",
+                  file=sys.stderr)
+            return CANNOT_RUN_EXIT
     args.work_area.mkdir(parents=True, exist_ok=True)
     if len(devices) == 1:
         return run_one(args, devices[0])

@@ -11,10 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from vtab import kinds, processors, yamlio  # noqa: F401  (registers kinds and processors)
-from vtab.errors import VtabError
+from vtab.errors import RunnerEnvironmentError, VtabError
 from vtab.pipeline import (
     DEFAULT_MAX_GRID_POINTS,
+    check_plan,
     children_of,
+    count_jobs,
+    jobs_phrase,
     missing_children,
     prepare_root,
     stage_kind,
@@ -128,15 +131,30 @@ def plan_lines(doc: dict[str, Any], limit: int, indent: int = 0) -> Iterator[str
         stage = spec.get("next_stage")
 
 
-def count_jobs(doc: dict[str, Any], limit: int) -> int:
-    """Jobs the pipeline creates, itself included (forks after a selection are counted too)."""
-    total, stage = 1, doc["current_stage"]
-    while stage:
-        if stage_kind(doc["stages"], stage) == "grid":
-            children = children_of(doc, stage, limit)
-            total += len(children) * count_jobs(children[0], limit)
-        stage = doc["stages"][stage].get("next_stage")
-    return total
+def plan(path: Path, limit: int) -> int:
+    """Print what the pipeline at `path` expands to and check every job it would run: its
+    config against its kind's schema, its data, backbone and weights. 1 if anything is wrong."""
+    try:
+        root = prepare_root(yamlio.load_mapping(path), path.stem)
+        lines = [f"pipeline {root['pipeline']} ({path})", *plan_lines(root, limit),
+                 f"{count_jobs(root, limit)} jobs in all"]
+        report = check_plan(root, limit, deep=True)
+    except (OSError, VtabError, RunnerEnvironmentError) as exc:
+        message = str(exc)
+        print(message if str(path) in message else f"{path}: {message}", file=sys.stderr)
+        return 1
+    print("\n".join(lines))
+    for (key, message), jobs in report.advice.items():
+        print(f"warning: key '{key}': {message} ({jobs_phrase(jobs)})", file=sys.stderr)
+    if report.errors:
+        print(f"{path}: {len(report.errors)} problem(s) in the {report.runs} runs this pipeline "
+              "would make; fix them before queuing it:", file=sys.stderr)
+        for (key, message), jobs in report.errors.items():
+            print(f"  key '{key}': {message} ({jobs_phrase(jobs)})", file=sys.stderr)
+        return 1
+    print(f"checked the {report.runs} runs it would make: every key, data folder, split file, "
+          "backbone and checkpoint is in order")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,23 +166,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="the work area folder (default: ./work)")
     parser.add_argument("--plan", type=Path, metavar="PIPELINE_YAML",
                         help="do not look at a work area: print the stages and jobs this "
-                             "pipeline expands to, with environment variables resolved")
+                             "pipeline expands to, with environment variables resolved, and "
+                             "check every job it would run (keys, data folders and split "
+                             "files, backbone names, checkpoints, cached weights); exit code 1 "
+                             "with every problem listed if anything is wrong")
     parser.add_argument("--max_grid_points", type=int, default=DEFAULT_MAX_GRID_POINTS,
                         help="the grid size limit to check against (default: %(default)s)")
     args = parser.parse_args(argv)
     if args.plan is not None:
-        try:
-            root = prepare_root(yamlio.load_mapping(args.plan), args.plan.stem)
-            lines = [f"pipeline {root['pipeline']} ({args.plan})", *plan_lines(
-                root, args.max_grid_points)]
-            lines.append(f"{count_jobs(root, args.max_grid_points)} jobs in all")
-        except (OSError, VtabError) as exc:
-            message = str(exc)
-            print(message if str(args.plan) in message else f"{args.plan}: {message}",
-                  file=sys.stderr)
-            return 1
-        print("\n".join(lines))
-        return 0
+        return plan(args.plan, args.max_grid_points)
     if not args.work_area.is_dir():
         print(f"{args.work_area}: no such work area", file=sys.stderr)
         return 1

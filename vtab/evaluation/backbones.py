@@ -12,6 +12,7 @@ keys on, so a job whose features are cached never builds the model.
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import importlib
 import os
@@ -20,13 +21,14 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 import torchvision
 from torch import nn
 
-from vtab.config import typed
-from vtab.errors import ConfigError
+from vtab.errors import Advice, ConfigError, RunnerEnvironmentError
+from vtab.evaluation.schemas import BackboneConfig
 
 RANDOM_SEED = 0
 RANDOM_ID = f"random-seed{RANDOM_SEED}"
@@ -84,6 +86,13 @@ class Source:
     def build(self, name: str, weights_id: str | None) -> nn.Module:
         raise NotImplementedError
 
+    def weights_file(self, name: str, weights_id: str) -> tuple[str, Path] | None:
+        """(where the library downloads `weights_id` from, where it keeps it), when known.
+
+        The place follows TORCH_HOME for torch hub files and HF_HOME for Hugging Face's.
+        """
+        return None
+
     def strip_classifier(self, model: nn.Module) -> int | None:
         """Remove the classifier in place; return the feature size when known without a forward."""
         return _strip_classifier(model)
@@ -121,12 +130,16 @@ def _strip_classifier(model: nn.Module) -> int | None:
     return None
 
 
+@functools.cache
+def _torchvision_models() -> tuple[str, ...]:
+    return tuple(torchvision.models.list_models(module=torchvision.models))
+
+
 @register_source("torchvision")
 class TorchvisionSource(Source):
     def check_name(self, name: str) -> None:
-        known = torchvision.models.list_models(module=torchvision.models)
-        if name not in known:
-            raise _unknown_model(name, known)
+        if name not in _torchvision_models():
+            raise _unknown_model(name, _torchvision_models())
 
     def pretrained(self, name: str, weights: str) -> tuple[str, int]:
         # Accept IMAGENET1K_V2, ResNet50_Weights.IMAGENET1K_V2 and DEFAULT (an alias).
@@ -141,6 +154,10 @@ class TorchvisionSource(Source):
     def build(self, name: str, weights_id: str | None) -> nn.Module:
         # Downloads the weights into TORCH_HOME on first use.
         return torchvision.models.get_model(name, weights=weights_id)
+
+    def weights_file(self, name: str, weights_id: str) -> tuple[str, Path] | None:
+        url = torchvision.models.get_weight(weights_id).url
+        return url, _hub_checkpoints() / os.path.basename(urlparse(url).path)
 
 
 @register_source("timm")
@@ -176,6 +193,16 @@ class TimmSource(Source):
     def build(self, name: str, weights_id: str | None) -> nn.Module:
         return self._timm().create_model(name, pretrained=weights_id is not None)
 
+    def weights_file(self, name: str, weights_id: str) -> tuple[str, Path] | None:
+        cfg = self._timm().models.get_pretrained_cfg(name)
+        hub_id = getattr(cfg, "hf_hub_id", None)
+        if hub_id:
+            return f"https://huggingface.co/{hub_id}", _hf_cache(hub_id)
+        url = getattr(cfg, "url", None)
+        if url:
+            return url, _hub_checkpoints() / os.path.basename(urlparse(url).path)
+        return None
+
     def strip_classifier(self, model: nn.Module) -> int | None:
         model.reset_classifier(0)
         return None  # num_features is not the pooled size for every timm model: measure it
@@ -200,6 +227,59 @@ class ModuleSource(Source):
             raise ConfigError("backbone.name",
                               f"{name}() returned a {type(model).__name__}, not a torch nn.Module")
         return model
+
+
+def _hub_checkpoints() -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def _hf_cache(repo_id: str) -> Path:
+    """Hugging Face's cache folder of a model repository (HF_HUB_CACHE, HF_HOME)."""
+    home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
+    cache = Path(os.environ.get("HF_HUB_CACHE", home / "hub"))
+    return cache / f"models--{repo_id.replace('/', '--')}"
+
+
+def weights_advice(spec: BackboneSpec) -> list[Advice]:
+    """Advice when a library's weights are not in the local cache yet (runners download them)."""
+    where = _source(spec.source).weights_file(spec.name, spec.weights_id)
+    if where is None or where[1].exists():
+        return []
+    url, path = where
+    return [Advice(WEIGHTS_KEY, f"{spec.weights_id} is not in the local cache yet ({path}); a "
+                                f"runner downloads it from {urlparse(url).netloc} on first use. "
+                                f"{_OFFLINE_HINT}")]
+
+
+_OFFLINE_HINT = ("On a machine without internet access, put the file there beforehand "
+                 "(TORCH_HOME chooses the folder of torch hub files, HF_HOME that of Hugging "
+                 "Face's), or set backbone.weights to a local checkpoint file.")
+
+
+def _fetch_failed(exc: BaseException) -> bool:
+    """Whether `exc` is a failure to download or store weights, not a fault of the config."""
+    libraries = {"urllib3", "requests", "httpx", "httpcore", "huggingface_hub"}
+    return isinstance(exc, OSError) or type(exc).__module__.split(".")[0] in libraries
+
+
+def _build(source: Source, spec: BackboneSpec) -> nn.Module:
+    """The source's model, with its own weights when `spec` asks for them. A download that fails
+    stops this runner, not the job: another machine (or this one, once the file is in place)
+    can run it."""
+    if not spec.pretrained:
+        return source.build(spec.name, None)
+    try:
+        return source.build(spec.name, spec.weights_id)
+    except Exception as exc:
+        if not _fetch_failed(exc):
+            raise
+        where = source.weights_file(spec.name, spec.weights_id)
+        place = (f" from {urlparse(where[0]).netloc} into {where[1]}" if where else "")
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise RunnerEnvironmentError(
+            f"cannot fetch the weights {spec.weights_id}{place}: {type(exc).__name__}: "
+            f"{reason}. This machine cannot reach the weights' host (or cannot store them). "
+            f"{_OFFLINE_HINT}") from exc
 
 
 def _source(name: str) -> Source:
@@ -229,23 +309,20 @@ def _is_path(weights: str) -> bool:
     return os.sep in weights or "/" in weights or Path(weights).is_file()
 
 
-def resolve_backbone(cfg: Mapping[str, Any]) -> BackboneSpec:
-    """Validate the ``backbone.*`` keys and identify the weights, without building a model."""
-    name = typed(cfg, "backbone.name", str)
-    weights = typed(cfg, WEIGHTS_KEY, str, "none")
-    source_name = typed(cfg, "backbone.source", str, "torchvision")
-    source = _source(source_name)
-    source.check_name(name)
-    if weights == "none":
-        return BackboneSpec(source_name, name, RANDOM_ID, source.image_size(name))
-    if _is_path(weights):
-        path = Path(weights).expanduser()
+def resolve_backbone(cfg: BackboneConfig) -> BackboneSpec:
+    """Check the ``backbone.*`` values and identify the weights, without building a model."""
+    source = _source(cfg.source)
+    source.check_name(cfg.name)
+    if cfg.weights == "none":
+        return BackboneSpec(cfg.source, cfg.name, RANDOM_ID, source.image_size(cfg.name))
+    if _is_path(cfg.weights):
+        path = Path(cfg.weights).expanduser()
         if not path.is_file():
             raise ConfigError(WEIGHTS_KEY, f"checkpoint file {path.absolute()} does not exist")
-        return BackboneSpec(source_name, name, checkpoint_id(path), source.image_size(name),
-                            checkpoint=path)
-    weights_id, image_size = source.pretrained(name, weights)
-    return BackboneSpec(source_name, name, weights_id, image_size, pretrained=True)
+        return BackboneSpec(cfg.source, cfg.name, checkpoint_id(path),
+                            source.image_size(cfg.name), checkpoint=path)
+    weights_id, image_size = source.pretrained(cfg.name, cfg.weights)
+    return BackboneSpec(cfg.source, cfg.name, weights_id, image_size, pretrained=True)
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -295,7 +372,7 @@ def build_backbone(spec: BackboneSpec) -> Backbone:
     # Seeded fork: random weights (and any a checkpoint lacks) are the same in every runner.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_SEED)
-        model = source.build(spec.name, spec.weights_id if spec.pretrained else None)
+        model = _build(source, spec)
     feature_dim = source.strip_classifier(model)
     missing, unexpected = _load_checkpoint(model, spec.checkpoint) if spec.checkpoint else (0, 0)
     model.eval().requires_grad_(False)
@@ -305,6 +382,6 @@ def build_backbone(spec: BackboneSpec) -> Backbone:
                     missing, unexpected)
 
 
-def create_backbone(cfg: Mapping[str, Any]) -> Backbone:
+def create_backbone(cfg: BackboneConfig) -> Backbone:
     """The backbone described by ``backbone.name``, ``backbone.weights`` and ``backbone.source``."""
     return build_backbone(resolve_backbone(cfg))

@@ -37,7 +37,6 @@ from vtab.fsutil import atomic_write
 FORMAT_VERSION = 1
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-PRECISIONS = ("auto", "fp32", "bf16")
 
 log = logging.getLogger(__name__)
 

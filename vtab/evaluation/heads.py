@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-OPTIMIZERS = ("sgd", "adamw")
-FEATURE_NORMS = ("standardize", "l2", "none")
+from vtab.evaluation.schemas import FEATURE_NORMS, OPTIMIZERS
+
 INIT_STD = 0.01  # DINOv2's linear head initialisation
 
 

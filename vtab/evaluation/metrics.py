@@ -13,7 +13,6 @@ import torch.nn.functional as F
 
 from vtab.fsutil import atomic_write
 
-METRICS = ("top1", "top5", "balanced_accuracy", "macro_f1")
 PER_SAMPLE_FIELDS = ("id", "target", "prediction", "confidence", "margin", "loss")
 
 

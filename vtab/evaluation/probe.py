@@ -5,18 +5,20 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from vtab.config import choice, integer, number, typed
-from vtab.errors import ConfigError
-from vtab.evaluation.backbones import BackboneSpec, build_backbone, resolve_backbone
+from vtab.errors import Advice, ConfigError
+from vtab.evaluation.backbones import (
+    BackboneSpec,
+    build_backbone,
+    resolve_backbone,
+    weights_advice,
+)
 from vtab.evaluation.data import Split, num_classes, open_split, sibling_splits
 from vtab.evaluation.features import (
-    PRECISIONS,
     FeatureCache,
     FeatureSet,
     TransformSpec,
@@ -25,61 +27,28 @@ from vtab.evaluation.features import (
     extract_reusing,
     resolve_precision,
 )
-from vtab.evaluation.heads import FEATURE_NORMS, OPTIMIZERS, HeadSpec, predict, train_linear_heads
+from vtab.evaluation.heads import HeadSpec, predict, train_linear_heads
 from vtab.evaluation.metrics import (
-    METRICS,
     classification_metrics,
     per_sample_outputs,
     write_per_sample_csv,
 )
+from vtab.evaluation.schemas import LinearProbeConfig
+from vtab.schema import validate
 
 
-@dataclass(frozen=True)
-class ProbeConfig:
-    """The validated keys of a linear-probe job (the ``backbone.*`` ones are in BackboneSpec)."""
-
-    dataset: str
-    root: Path
-    train_split: str
-    eval_split: str
-    image_size: int
-    feature_batch_size: int
-    precision: str
-    feature_norm: str
-    head: HeadSpec
-    epochs: int
-    batch_size: int
-    warmup_epochs: int
-    metric: str
-
-    @classmethod
-    def read(cls, config: Mapping[str, Any], default_image_size: int) -> ProbeConfig:
-        choice(config, "head.kind", ("linear",), "linear")  # the only kind so far; catch typos
-        epochs = integer(config, "optim.epochs", minimum=1)
-        warmup_epochs = integer(config, "optim.warmup_epochs", 0, minimum=0)
-        if warmup_epochs > epochs:
-            raise ConfigError("optim.warmup_epochs", f"must not exceed optim.epochs ({epochs})")
-        head = HeadSpec(lr=number(config, "optim.lr", positive=True),
-                        weight_decay=number(config, "optim.weight_decay", 0.0, minimum=0.0),
-                        seed=integer(config, "seed", 0),
-                        optimizer=choice(config, "optim.name", OPTIMIZERS, "sgd"),
-                        momentum=number(config, "optim.momentum", 0.9, minimum=0.0))
-        return cls(
-            dataset=typed(config, "dataset", str),
-            root=Path(typed(config, "data.root", str)).expanduser(),
-            train_split=typed(config, "data.train_split", str, "train800"),
-            eval_split=typed(config, "data.eval_split", str, "val200"),
-            image_size=integer(config, "features.image_size", default_image_size, minimum=1),
-            feature_batch_size=integer(config, "features.batch_size", 64, minimum=1),
-            precision=choice(config, "features.precision", PRECISIONS, "auto"),
-            feature_norm=choice(config, "head.feature_norm", FEATURE_NORMS, "standardize"),
-            head=head, epochs=epochs, warmup_epochs=warmup_epochs,
-            batch_size=integer(config, "optim.batch_size", 128, minimum=1),
-            metric=choice(config, "metric", METRICS, "top1"),
-        )
+def head_spec(config: LinearProbeConfig) -> HeadSpec:
+    """The per-head settings of a job: what a batched trainer keeps per head."""
+    optim = config.optim
+    return HeadSpec(lr=optim.lr, weight_decay=optim.weight_decay, seed=config.seed,
+                    optimizer=optim.name, momentum=getattr(optim, "momentum", 0.0))
 
 
-def _features(cfg: ProbeConfig, spec: BackboneSpec, splits: dict[str, Split], cache_dir: Path,
+def image_size(config: LinearProbeConfig, spec: BackboneSpec) -> int:
+    return config.features.image_size or spec.default_image_size
+
+
+def _features(cfg: LinearProbeConfig, spec: BackboneSpec, splits: dict[str, Split], cache_dir: Path,
               device: str, num_workers: int,
               progress: bool) -> tuple[dict[str, FeatureSet], dict[str, dict[str, Any]]]:
     """Features of each split through the cache; the backbone is built on the first forward only.
@@ -88,8 +57,8 @@ def _features(cfg: ProbeConfig, spec: BackboneSpec, splits: dict[str, Split], ca
     (train800val200 from train800 and val200), so an image is forwarded once per protocol.
     """
     cache = FeatureCache(cache_dir)
-    transform = TransformSpec(cfg.image_size)
-    precision = resolve_precision(cfg.precision, device)
+    transform = TransformSpec(image_size(cfg, spec))
+    precision = resolve_precision(cfg.features.precision, device)
     backbone = functools.cache(functools.partial(build_backbone, spec))
 
     def fields(split: Split) -> dict[str, Any]:
@@ -97,7 +66,7 @@ def _features(cfg: ProbeConfig, spec: BackboneSpec, splits: dict[str, Split], ca
 
     def extract(split: Split) -> FeatureSet:
         built = backbone()
-        found = extract_features(built.model, split, transform, batch_size=cfg.feature_batch_size,
+        found = extract_features(built.model, split, transform, batch_size=cfg.features.batch_size,
                                  num_workers=num_workers, device=device, precision=precision,
                                  progress=progress)
         found.meta = {"missing_keys": built.missing_keys, "unexpected_keys": built.unexpected_keys}
@@ -117,43 +86,81 @@ def _features(cfg: ProbeConfig, spec: BackboneSpec, splits: dict[str, Split], ca
     return features, info
 
 
-def check_config(config: Mapping[str, Any]) -> tuple[BackboneSpec, ProbeConfig]:
-    """Validate every key of a linear-probe config without touching data or building a model."""
-    spec = resolve_backbone(config)
-    return spec, ProbeConfig.read(config, spec.default_image_size)
+def parse_config(config: LinearProbeConfig | Mapping[str, Any]) -> LinearProbeConfig:
+    """A validated config; a plain mapping is checked against the schema first."""
+    if isinstance(config, LinearProbeConfig):
+        return config
+    return validate(LinearProbeConfig, config)
 
 
-def run_linear_probe(config: Mapping[str, Any], *, cache_dir: Path, device: str = "cpu",
-                     num_workers: int = 0, progress: bool = True,
+def complete_config(config: LinearProbeConfig) -> LinearProbeConfig:
+    """`config` with the defaults that depend on the backbone filled in (its input size)."""
+    if config.features.image_size is not None:
+        return config
+    size = resolve_backbone(config.backbone).default_image_size
+    return config.model_copy(update={
+        "features": config.features.model_copy(update={"image_size": size})})
+
+
+def _open_splits(cfg: LinearProbeConfig) -> dict[str, Split]:
+    root = Path(cfg.data.root).expanduser()
+    return {"train": open_split(root, cfg.dataset, cfg.data.train_split, key="data.train_split"),
+            "eval": open_split(root, cfg.dataset, cfg.data.eval_split, key="data.eval_split")}
+
+
+def _check_classes(cfg: LinearProbeConfig, classes: int) -> None:
+    if cfg.metric == "top5" and classes <= 5:
+        raise ConfigError("metric", f"top5 needs more than 5 classes; {cfg.dataset} has {classes}")
+
+
+def inspect(config: LinearProbeConfig) -> list[ConfigError | Advice]:
+    """What would stop this job, found without running it: the backbone's name, weights and
+    checkpoint, the data folders and split files; advice when library weights are not cached."""
+    found: list[ConfigError | Advice] = []
+    try:
+        spec = resolve_backbone(config.backbone)
+        if spec.pretrained:
+            found += weights_advice(spec)
+    except ConfigError as exc:
+        found += exc.problems
+    try:
+        _check_classes(config, num_classes(_open_splits(config).values()))
+    except ConfigError as exc:
+        found += exc.problems
+    return found
+
+
+def run_linear_probe(config: LinearProbeConfig | Mapping[str, Any], *, cache_dir: Path,
+                     device: str = "cpu", num_workers: int = 0, progress: bool = True,
                      outputs_dir: Path | None = None) -> dict[str, Any]:
     """Train a linear head on `data.train_split` features, evaluate it on `data.eval_split`.
 
     Every key is validated before any work starts. Returns plain YAML-serialisable values;
     ``result`` is the metric named by ``metric``.
     """
-    spec, cfg = check_config(config)
-    torch.manual_seed(cfg.head.seed)
-    splits = {"train": open_split(cfg.root, cfg.dataset, cfg.train_split, key="data.train_split"),
-              "eval": open_split(cfg.root, cfg.dataset, cfg.eval_split, key="data.eval_split")}
+    cfg = parse_config(config)
+    spec = resolve_backbone(cfg.backbone)
+    head = head_spec(cfg)
+    torch.manual_seed(head.seed)
+    splits = _open_splits(cfg)
     classes = num_classes(splits.values())
-    if cfg.metric == "top5" and classes <= 5:
-        raise ConfigError("metric", f"top5 needs more than 5 classes; {cfg.dataset} has {classes}")
+    _check_classes(cfg, classes)
 
     start = time.perf_counter()
     features, cache_info = _features(cfg, spec, splits, cache_dir, device, num_workers, progress)
     features_done = time.perf_counter()
     train, evaluation = features["train"], features["eval"]
-    (head,) = train_linear_heads(train.features, train.labels, classes, [cfg.head],
-                                 epochs=cfg.epochs, batch_size=cfg.batch_size,
-                                 warmup_epochs=cfg.warmup_epochs, feature_norm=cfg.feature_norm,
-                                 device=device, progress=progress)
+    (trained,) = train_linear_heads(
+        train.features, train.labels, classes, [head], epochs=cfg.optim.epochs,
+        batch_size=cfg.optim.batch_size, warmup_epochs=cfg.optim.warmup_epochs,
+        feature_norm=cfg.head.feature_norm, device=device, progress=progress)
     train_done = time.perf_counter()
-    logits = predict(head, evaluation.features)
+    logits = predict(trained, evaluation.features)
     metrics = classification_metrics(logits, evaluation.labels, classes)
     if outputs_dir is not None:
         outputs_dir.mkdir(parents=True, exist_ok=True)
         rows = per_sample_outputs(logits, evaluation.labels, evaluation.paths)
-        write_per_sample_csv(outputs_dir / f"{cfg.eval_split}_predictions.csv", rows)
+        write_per_sample_csv(outputs_dir / f"{cfg.data.eval_split}_predictions.csv", rows)
     end = time.perf_counter()
     return {
         "result": metrics[cfg.metric],

@@ -1,0 +1,141 @@
+"""Config schemas: every key read or refused by name, errors that say what to fix, docs in step."""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+from typing import Any, get_args
+
+import pytest
+
+from tests.conftest import drain, queue
+from vtab import reference, yamlio
+from vtab.config import set_path
+from vtab.errors import ConfigError
+from vtab.evaluation.schemas import METRICS, BackboneConfig, LinearProbeConfig
+from vtab.pipeline import KINDS, PROCESSORS
+from vtab.schema import Section, key_docs, validate
+from vtab.workarea import FINISHED, WorkArea
+
+REPO = Path(__file__).resolve().parent.parent
+GOOD = {"dataset": "digits", "data": {"root": "/data"}, "backbone": {"name": "resnet18"},
+        "optim": {"lr": 0.1, "epochs": 3}}
+
+
+def problems(change: dict[str, Any], schema: type[Section] = LinearProbeConfig,
+             **kwargs: Any) -> list[tuple[str, str]]:
+    config = copy.deepcopy(GOOD)
+    for key, value in change.items():
+        set_path(config, key, value)
+    with pytest.raises(ConfigError) as caught:
+        validate(schema, config, **kwargs)
+    return [(p.key, p.message) for p in caught.value.problems]
+
+
+def test_a_good_config_gets_every_default_filled_in() -> None:
+    dumped = validate(LinearProbeConfig, GOOD).model_dump(mode="json")
+    assert dumped == {
+        "dataset": "digits",
+        "data": {"root": "/data", "train_split": "train800", "eval_split": "val200"},
+        "backbone": {"name": "resnet18", "source": "torchvision", "weights": "none"},
+        "features": {"image_size": None, "batch_size": 64, "precision": "auto"},
+        "head": {"kind": "linear", "feature_norm": "standardize"},
+        "optim": {"name": "sgd", "lr": 0.1, "weight_decay": 0.0, "epochs": 3,
+                  "batch_size": 128, "warmup_epochs": 0, "momentum": 0.9},
+        "seed": 0, "metric": "top1"}
+    assert validate(LinearProbeConfig, dumped).model_dump(mode="json") == dumped  # a fixpoint
+
+
+@pytest.mark.parametrize(("change", "expected"), [
+    ({"optim.weight_decy": 0.01}, [("optim.weight_decy", "did you mean 'weight_decay'?")]),
+    ({"head.knd": "linear"}, [("head.knd", "did you mean 'kind'?")]),
+    ({"features.layer": "layer3", "features.pool": "avg"},
+     [("features.layer", "unknown key"), ("features.pool", "unknown key")]),
+    ({"optim.name": "adamw", "optim.momentum": 0.5},
+     [("optim.momentum", "read only when optim.name is sgd, not adamw")]),
+    ({"optim.name": "adamm"}, [("optim.name", "unknown optimizer 'adamm' (did you mean "
+                                              "'adamw'?); known: sgd, adamw")]),
+    ({"head.kind": "mlp"}, [("head.kind", "unknown head kind 'mlp'; known: linear")]),
+    ({"head": ["linear"]}, [("head", "expected a mapping, got list ['linear']")]),
+    ({"optim.lr": "0.1"}, [("optim.lr", "expected a number, got str '0.1'")]),
+    ({"optim.lr": 0}, [("optim.lr", "must be greater than 0, got 0")]),
+    ({"optim.lr": math.inf}, [("optim.lr", "must be a finite number")]),
+    ({"optim.epochs": 2.0}, [("optim.epochs", "expected an integer, got float 2.0")]),
+    ({"seed": True}, [("seed", "expected an integer, got bool True")]),
+    ({"optim.momentum": 1.0}, [("optim.momentum", "must be less than 1, got 1.0")]),
+    ({"optim.warmup_epochs": 5}, [("optim.warmup_epochs", "must not exceed optim.epochs (3)")]),
+    ({"metric": "acc"}, [("metric", "must be one of top1, top5, balanced_accuracy, macro_f1")]),
+    ({"data.eval_split": "../../secret"}, [("data.eval_split", "is not a plain name")]),
+    ({"dataset": "a/b"}, [("dataset", "is not a plain name")]),
+    ({"data": None}, [("data", "expected a mapping, got NoneType None")]),
+    ({"backbone.name": None, "metric": "x", "optim.lr": -1},
+     [("backbone.name", "expected a string"), ("optim.lr", "must be greater than 0"),
+      ("metric", "must be one of")]),
+])
+def test_each_problem_names_its_key(change: dict[str, Any],
+                                    expected: list[tuple[str, str]]) -> None:
+    found = problems(change)
+    assert [key for key, _ in found] == [key for key, _ in expected]
+    for (_, message), (_, text) in zip(found, expected, strict=True):
+        assert text in message
+
+
+def test_a_missing_section_and_a_key_of_another_kind() -> None:
+    config = {k: v for k, v in GOOD.items() if k != "optim"} | {"sleep": {"seconds": 1}}
+    with pytest.raises(ConfigError) as caught:
+        validate(LinearProbeConfig, config,
+                 elsewhere={"job kind 'sleep'": KINDS.get("sleep").schema})
+    assert [(p.key, p.message) for p in caught.value.problems] == [
+        ("optim", "is required but missing"),
+        ("sleep", "unknown key here: it is read by job kind 'sleep'")]
+
+
+def test_keys_under_a_prefix_and_in_lists() -> None:
+    class Grid(Section):
+        values: list[int]
+
+    with pytest.raises(ConfigError) as caught:
+        validate(Grid, {"values": [1, "2", 3.5]}, prefix="stages.tune")
+    assert [p.key for p in caught.value.problems] == ["stages.tune.values[1]",
+                                                      "stages.tune.values[2]"]
+
+
+def test_every_key_has_a_one_line_help() -> None:
+    schemas = [k.schema for _, k in KINDS.items() if k.run.__module__.startswith("vtab.")]
+    schemas += [p.options for _, p in PROCESSORS.items()]
+    for schema in schemas:
+        for doc in key_docs(schema):
+            assert doc.help and "\n" not in doc.help, f"{schema.__name__}: {doc.key}"
+
+
+def test_the_key_reference_in_the_docs_is_the_generated_one() -> None:
+    path = REPO / "docs" / "PIPELINES.md"
+    text = path.read_text()
+    assert reference.replace_in(text) == text, (
+        "docs/PIPELINES.md's key reference is out of date: run `make docs`")
+    assert "| `optim.momentum` | number, >= 0, < 1 | 0.9 | SGD momentum (when " \
+           "`optim.name: sgd`) |" in text
+
+
+def test_the_schema_choices_are_what_the_engine_implements(digits_root: Path) -> None:
+    import torch
+
+    from vtab.evaluation.backbones import _SOURCES
+    from vtab.evaluation.metrics import classification_metrics
+
+    sources = get_args(BackboneConfig.model_fields["source"].annotation)
+    assert set(sources) == set(_SOURCES)
+    logits = torch.randn(20, 7)
+    computed = classification_metrics(logits, logits.argmax(1), 7)
+    assert set(METRICS) == set(computed)
+
+
+def test_run_config_records_what_the_kind_read(area: WorkArea) -> None:
+    queue(area, {"name": "s", "current_stage": "run", "config": {"sleep": {"result": 0.5}},
+                 "stages": {"run": {"hyperparams": {"kind": "sleep", "seed": 3}}}}, "s.yaml")
+    assert drain(area) == 0
+    done = yamlio.load_mapping(area.folder(FINISHED) / "s.yaml")
+    assert done["run_config"] == {"kind": "sleep", "sleep": {"seconds": 0.0, "log": "",
+                                                             "result": 0.5},
+                                  "dataset": "", "seed": 3, "metric": "top1"}

@@ -49,12 +49,13 @@ def test_two_runners_drain_the_debug_pipeline(tmp_path: Path) -> None:
     # What ran, exactly: every key the kind read, defaults filled in (the image size is the
     # pipeline's; the backbone's own would be 224), and nothing else.
     assert final["run_config"]["features"] == {"image_size": 32, "batch_size": 128,
-                                               "precision": "auto"}
+                                               "precision": "fp32"}  # what auto is on the CPU
     assert final["run_config"]["optim"]["warmup_epochs"] == 0  # a default, filled in
     assert set(final["run_config"]) == {"kind", "dataset", "data", "backbone", "features",
                                         "head", "optim", "seed", "metric"}
     assert (summary["metric"], summary["split"]) == ("top1", "test")
     assert digits["evaluated_on"] == {"split": "test", "metric": "top1"}
+    assert digits["selected_on"] == {"split": "val200", "metric": "top1"}
     # The backbone ran once per split for seven heads: train800 and train800val200 on the
     # training side, val200 and test on the evaluation side, each extracted by one job only.
     features = [yamlio.load_mapping(p)["features"] for p in jobs.glob("*__*__*.yaml")]
@@ -68,6 +69,7 @@ def test_two_runners_drain_the_debug_pipeline(tmp_path: Path) -> None:
     assert table.returncode == 0, table.stderr
     assert "digits" in table.stdout
     assert "mean±std over seeds of top1 on test." in table.stdout
+    assert "selected hyperparameters (chosen by the best mean top1 on val200):" in table.stdout
     assert f"{100 * digits['result']:.1f}" in table.stdout
 
 

@@ -141,6 +141,13 @@ def test_out_of_memory_gives_the_job_back_uncounted_and_stops_the_runner(
     assert error["type"] == "RunnerEnvironmentError" and "ran out of memory" in error["message"]
     assert "not counted as an attempt" in error["note"]
     assert area.listing(CRASHED) == [] and area.listing(RUNNING) == []
+    # Every runner fails alike: the job is the likelier culprit, and must not stop them all.
+    assert drain(area) == CANNOT_RUN_EXIT
+    assert len(area.queued()) == 1
+    assert drain(area) == CANNOT_RUN_EXIT
+    crashed = yamlio.load_mapping(area.folder(CRASHED) / "p.yaml")
+    assert "3 runners in a row could not run it" in crashed["error"]["note"]
+    assert len(crashed["errors"]) == 2 and area.queued() == []
 
 
 @pytest.mark.slow
@@ -164,3 +171,63 @@ def test_weights_that_cannot_be_fetched_stop_the_runner_at_once(area: WorkArea, 
     (queued,) = area.queued()
     assert yamlio.load_mapping(queued)["attempts"] == 0
     assert area.listing(CRASHED) == []
+
+
+def _tuned(root: Path, **select: Any) -> dict[str, Any]:
+    """Learning rate and optimizer swept only in the tuning grid, then select_best and a final
+    run whose overrides suit only one optimizer."""
+    doc = probe_job(root, stages={
+        "tune": {"grid": {"optim.lr": [0.1, 0.01], "optim.name": ["sgd", "adamw"],
+                          "seed": [0, 1]}, "child_stage": "train", "next_stage": "select"},
+        "train": {"hyperparams": {"kind": "linear_probe"}},
+        "select": {"processor": {"kind": "select_best", **select}, "next_stage": "final"},
+        "final": {"grid": {"seed": [0]}, "child_stage": "test", "next_stage": "mean"},
+        "test": {"hyperparams": {"kind": "linear_probe", "data.eval_split": "test"}},
+        "mean": {"processor": "aggregate"}})
+    del doc["config"]["optim"]["lr"]
+    return doc
+
+
+def test_plan_checks_the_stages_after_a_selection_once_per_setting(
+        tmp_path: Path, digits_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    doc = _tuned(digits_root)
+    code, out, err = plan(tmp_path / "p.yaml", doc, capsys)
+    assert code == 0, err  # optim.lr is set by the selection, not missing
+    assert "checked the 9 runs it would make" in out
+    doc["stages"]["test"]["hyperparams"]["optim.momentum"] = 0.5
+    code, _, err = plan(tmp_path / "p.yaml", doc, capsys)
+    assert code == 1  # momentum is fine with sgd, refused if select_best picks adamw
+    assert ("key 'optim.momentum': unknown key: it is read only when optim.name is sgd, not "
+            "adamw (in 2 jobs, e.g. p__final__seed=0 (if select selects optim.lr=0.1, "
+            "optim.name=adamw))") in err
+
+
+def test_plan_checks_processor_options_against_the_grids(
+        tmp_path: Path, digits_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    doc = _tuned(digits_root, seed_key="sed")
+    doc["stages"]["mean"]["processor"] = {"kind": "aggregate", "grid_stage": "fnal"}
+    code, _, err = plan(tmp_path / "p.yaml", doc, capsys)
+    assert code == 1
+    assert ("key 'stages.select.processor.seed_key': 'sed' is not swept by grid stage 'tune' "
+            "(did you mean 'seed'?)") in err
+    assert ("key 'stages.mean.processor.grid_stage': 'fnal' is not a grid stage this job forks "
+            "before it (did you mean 'final'?)") in err
+
+
+def test_plan_lists_problems_of_every_kind_at_once(
+        tmp_path: Path, digits_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    broken = {"confg": {}, "current_stage": "run", "stages": {
+        "run": {"hyperparams": {"kind": "sleep"}, "next_stag": "done"},
+        "done": {"processor": "agregate"}}}
+    code, _, err = plan(tmp_path / "s.yaml", broken, capsys)
+    assert code == 1
+    for key in ("confg", "stages.run.next_stag", "stages.done.processor"):
+        assert f"key '{key}'" in err
+    # A misspelt key does not hide the data: both splits' problems and the rest, together.
+    doc = probe_job(digits_root, stages={"run": {"hyperparams": {
+        "data.train_split": "train9", "data.eval_split": "val9"}}}) | {"current_stage": "run"}
+    doc["config"]["optim"]["weight_decy"] = 0.1
+    code, _, err = plan(tmp_path / "p.yaml", doc, capsys)
+    assert code == 1
+    for key in ("optim.weight_decy", "data.train_split", "data.eval_split"):
+        assert f"key '{key}'" in err

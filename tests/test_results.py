@@ -341,3 +341,17 @@ def test_the_caption_says_what_the_summaries_record(tmp_path: Path) -> None:
     write_summary(tmp_path, "c", {"dtd": 0.7}, metric="macro_f1")  # an older summary
     assert ("of each pipeline's metric (column 'metric') on each pipeline's evaluation split "
             "(a: val200, b: test, c: not recorded). ") in caption()
+
+
+def test_the_selection_note_says_how_settings_were_chosen(tmp_path: Path) -> None:
+    path = write_summary(tmp_path, "a", {"dtd": 0.5})
+
+    def text() -> str:
+        return render_text(build_table(load_summaries(tmp_path).results))
+
+    assert "selected hyperparameters (chosen during tuning; the summaries do not record on " \
+           "which split):" in text()
+    summary = yaml.safe_load(path.read_text())
+    summary["datasets"]["dtd"]["selected_on"] = {"split": "val200", "metric": "top1"}
+    path.write_text(yaml.safe_dump(summary))
+    assert "selected hyperparameters (chosen by the best mean top1 on val200):" in text()

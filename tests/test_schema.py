@@ -12,9 +12,10 @@ import pytest
 from tests.conftest import drain, queue
 from vtab import reference, yamlio
 from vtab.config import set_path
+from vtab.devices import parse_devices
 from vtab.errors import ConfigError
 from vtab.evaluation.schemas import METRICS, BackboneConfig, LinearProbeConfig
-from vtab.pipeline import KINDS, PROCESSORS
+from vtab.pipeline import KINDS, PROCESSORS, check_plan, prepare_root
 from vtab.schema import Section, key_docs, validate
 from vtab.workarea import FINISHED, WorkArea
 
@@ -139,3 +140,48 @@ def test_run_config_records_what_the_kind_read(area: WorkArea) -> None:
     assert done["run_config"] == {"kind": "sleep", "sleep": {"seconds": 0.0, "log": "",
                                                              "result": 0.5},
                                   "dataset": "", "seed": 3, "metric": "top1"}
+
+
+def test_numbers_read_as_yaml_1_2_reads_them_and_strings_stay_strings() -> None:
+    doc = yamlio.parse_mapping(b"a: 1e-3\nb: -2E+5\nc: '1e-3'\nd: 1e3x\ne: 1.0e-3\n", "x")
+    assert doc == {"a": 0.001, "b": -200000.0, "c": "1e-3", "d": "1e3x", "e": 0.001}
+    assert yamlio.parse_mapping(yamlio.dump(doc).encode(), "again") == doc  # quoted on writing
+
+
+def test_dotted_keys_in_config_are_nested_and_a_key_given_twice_is_refused() -> None:
+    root = prepare_root({"current_stage": "run", "config": {"optim.lr": 0.5, "seed": 1},
+                         "stages": {"run": {"hyperparams": {"kind": "sleep"}}}}, "p")
+    assert root["config"] == {"optim": {"lr": 0.5}, "seed": 1}
+    for doc, key in [
+            ({"config": {"optim.lr": 0.5, "optim": {"lr": 0.1}}}, "config.optim.lr"),
+            ({"stages": {"run": {"hyperparams": {"kind": "sleep", "sleep.seconds": 1,
+                                                 "sleep": {"seconds": 2}}}}},
+             "stages.run.hyperparams.sleep.seconds"),
+            ({"stages": {"run": {"grid": {"seed": [1], "sleep": {"seconds": 1}, "sleep.seconds":
+                                          [2]}, "child_stage": "go"},
+                         "go": {"hyperparams": {"kind": "sleep"}}}}, "stages.run.grid"),
+    ]:
+        base = {"current_stage": "run", "stages": {"run": {"hyperparams": {"kind": "sleep"}}}}
+        with pytest.raises(ConfigError, match="set twice") as caught:
+            check_plan(prepare_root(base | doc, "p"), 100, deep=False).raise_errors("planned")
+        assert caught.value.key.startswith(key)
+
+
+@pytest.mark.parametrize(("key", "value"), [("attempts", "three"), ("errors", 7),
+                                             ("history", "nonsense"), ("attempts", True)])
+def test_bookkeeping_keys_a_pipeline_carries_must_have_their_types(key: str, value: Any) -> None:
+    with pytest.raises(ConfigError, match="is written by runners") as caught:
+        prepare_root({"current_stage": "run", key: value,
+                      "stages": {"run": {"hyperparams": {"kind": "sleep"}}}}, "p")
+    assert caught.value.key == key
+
+
+def test_a_module_backbone_must_be_importable() -> None:
+    from vtab.evaluation.backbones import resolve_backbone
+
+    with pytest.raises(ConfigError, match=r"cannot find module nosuch\.models"):
+        resolve_backbone(BackboneConfig(name="nosuch.models:build", source="module"))
+
+
+def test_device_entries_are_read_plainly() -> None:
+    assert parse_devices("01, cpu,0,0") == ["1", "cpu", "0", "0"]

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import yaml
 
 from vtab.errors import ConfigError
+from vtab.yamlio import load_scalar
 
 T = TypeVar("T")
 _MISSING = object()
@@ -46,6 +47,16 @@ def set_path(tree: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def delete_path(tree: dict[str, Any], key: str) -> None:
+    """Remove ``tree[a][b][c]`` for ``key == "a.b.c"`` if it is there."""
+    *parents, last = key.split(".")
+    node: Any = tree
+    for part in parents:
+        node = node.get(part) if isinstance(node, dict) else None
+    if isinstance(node, dict):
+        node.pop(last, None)
+
+
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
     """Yield (dotted key, leaf value) pairs; mappings are descended, lists are leaves."""
     for key, value in tree.items():
@@ -56,12 +67,29 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, An
             yield path, value
 
 
-def merged(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """Deep copy of `base` with every (possibly dotted) entry of `overrides` applied."""
+def merged(base: Mapping[str, Any], overrides: Mapping[str, Any],
+           where: str = "") -> dict[str, Any]:
+    """Deep copy of `base` with every (possibly dotted) entry of `overrides` applied.
+
+    A key that `overrides` sets twice (``optim.lr`` beside ``optim: {lr: ...}``) is an error
+    naming it under `where`: one of the two would be silently dropped.
+    """
     out = copy.deepcopy(dict(base))
-    for key, value in flatten(overrides):
+    for key, value in flat_entries(overrides, where):
         set_path(out, key, copy.deepcopy(value))
     return out
+
+
+def flat_entries(tree: Mapping[str, Any], where: str = "") -> list[tuple[str, Any]]:
+    """`flatten`'s pairs; a dotted key given twice is an error naming it under `where`."""
+    entries = list(flatten(tree))
+    seen: set[str] = set()
+    for key, _ in entries:
+        if key in seen:
+            raise ConfigError(f"{where}.{key}" if where else key,
+                              "is set twice (once as a dotted key, once inside a mapping)")
+        seen.add(key)
+    return entries
 
 
 def _type_name(types: type | tuple[type, ...]) -> str:
@@ -115,7 +143,7 @@ def resolve_env(tree: Any, key: str = "", used: dict[str, str] | None = None) ->
     text = _ENV_REF.sub(substitute, tree)
     if whole:
         try:
-            return yaml.safe_load(text) if text.strip() else text
+            return load_scalar(text) if text.strip() else text
         except yaml.YAMLError:
             return text
     return text

@@ -17,6 +17,7 @@ from pathlib import Path
 
 CPU = "cpu"
 FLAG = "--devices"
+PROBE_TIMEOUT = 300  # seconds; importing torch and initialising CUDA can take a while
 
 
 class DeviceError(Exception):
@@ -24,13 +25,16 @@ class DeviceError(Exception):
 
 
 def parse_devices(text: str) -> list[str]:
-    """The entries of ``--devices``: ``cpu`` (which may repeat) or GPU indices."""
+    """The entries of ``--devices``: ``cpu`` or GPU indices (written plainly: ``01`` is ``1``).
+
+    An entry may repeat, to run several runners on one device (``cpu,cpu``, ``0,0``).
+    """
     entries = [entry.strip() for entry in text.split(",")]
     for position, entry in enumerate(entries, start=1):
         if entry != CPU and not re.fullmatch(r"[0-9]+", entry):
             raise DeviceError(f"{FLAG} {text!r}: entry {position} {_why_not(entry)}; expected "
                               "GPU indices (0,1,3) or cpu, which may repeat (cpu,cpu)")
-    return entries
+    return [entry if entry == CPU else str(int(entry)) for entry in entries]
 
 
 def _why_not(entry: str) -> str:
@@ -86,8 +90,11 @@ def visible_gpu_count() -> tuple[int, str]:
     Asked in a fresh interpreter: CUDA reads CUDA_VISIBLE_DEVICES once, when a process first
     touches it, and a runner must still be free to narrow it to its own GPU afterwards.
     """
-    probe = subprocess.run([sys.executable, "-m", "vtab.devices"], capture_output=True,
-                           text=True, timeout=300)
+    try:
+        probe = subprocess.run([sys.executable, "-m", "vtab.devices"], capture_output=True,
+                               text=True, timeout=PROBE_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        return 0, f"the GPU probe did not answer within {PROBE_TIMEOUT} s (a hung driver?)"
     try:
         answer = json.loads(probe.stdout.strip().splitlines()[-1])
         return int(answer["count"]), str(answer["reason"])

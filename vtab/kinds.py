@@ -19,8 +19,8 @@ def _inspect_linear_probe(config: LinearProbeConfig) -> list[ConfigError | Advic
     return _import_probe().inspect(config)
 
 
-def _complete_linear_probe(config: LinearProbeConfig) -> LinearProbeConfig:
-    return _import_probe().complete_config(config)
+def _complete_linear_probe(config: LinearProbeConfig, device: str) -> LinearProbeConfig:
+    return _import_probe().complete_config(config, device)
 
 
 @register_kind("linear_probe", LinearProbeConfig, inspect=_inspect_linear_probe,

@@ -14,6 +14,7 @@ docs/PIPELINES.md describes the format for users.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import re
 import socket
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vtab.config import flatten, merged, resolve_env
+from vtab.config import delete_path, flat_entries, flatten, merged, resolve_env
 from vtab.errors import Advice, ConfigError, did_you_mean
 from vtab.provenance import environment, now_iso
 from vtab.registry import Registry
@@ -38,8 +39,12 @@ STAGE_KEYS = {
     "hyperparams": {"hyperparams", "next_stage"},
 }
 ROOT_KEYS = {"name", "current_stage", "config", "stages", "description"}
-# Written by runners into any job, a pipeline not yet expanded included (after a crash).
-BOOKKEEPING_KEYS = {"attempts", "lease", "errors", "error", "previous_errors", "history"}
+# Written by runners into any job, a pipeline not yet expanded included (after a crash), with
+# their types: anything else under these names would break the runners.
+BOOKKEEPING_TYPES: dict[str, type] = {
+    "attempts": int, "environment_failures": int, "lease": dict, "errors": list, "error": dict,
+    "previous_errors": list, "history": list}
+BOOKKEEPING_KEYS = set(BOOKKEEPING_TYPES)
 DEFAULT_MAX_GRID_POINTS = 10_000
 DEFAULT_KIND = "linear_probe"
 MAX_PLANNED_JOBS = 100_000  # a pipeline's jobs in all, checked one by one when it is queued
@@ -99,15 +104,16 @@ class JobKind:
     """What a ``hyperparams`` stage runs: the schema of its config and the code that runs it.
 
     `inspect` looks beyond the config without doing the work (data files, model names, weights
-    in the local cache); `complete` fills in defaults that depend on more than the config (a
-    backbone's own input size), so that ``run_config`` records the value that ran.
+    in the local cache); `complete` fills in values that depend on more than the config (a
+    backbone's own input size, the precision on this device), so that ``run_config`` records
+    the value that ran.
     """
 
     name: str
     schema: type[Section]
     run: RunKind
     inspect: Inspect | None = None
-    complete: Callable[[Any], Any] | None = None
+    complete: Callable[[Any, str], Any] | None = None  # (config, device) -> config
 
 
 KINDS: Registry[JobKind] = Registry("job kind", "hyperparams.kind")
@@ -115,7 +121,8 @@ KINDS: Registry[JobKind] = Registry("job kind", "hyperparams.kind")
 
 def register_kind(name: str, schema: type[Section], *,
                   inspect: Inspect | None = None,
-                  complete: Callable[[Any], Any] | None = None) -> Callable[[RunKind], RunKind]:
+                  complete: Callable[[Any, str], Any] | None = None,
+                  ) -> Callable[[RunKind], RunKind]:
     def add(run: RunKind) -> RunKind:
         KINDS.register(name)(JobKind(name, schema, run, inspect, complete))
         return run
@@ -124,6 +131,11 @@ def register_kind(name: str, schema: type[Section], *,
 
 
 Processor = Callable[[dict[str, Any], Any, StageContext], "Outcome | None"]
+# For checking a plan before anything runs: the documents a processor at `stage` can leave
+# (select_best: one per setting it may select), given the grid stages the job forked so far,
+# and the problems of its options in this plan (a grid_stage never forked).
+Foresee = Callable[[dict[str, Any], str, Any, list[str]],
+                   tuple[list[dict[str, Any]], list[ConfigError]]]
 
 
 @dataclass(frozen=True)
@@ -131,20 +143,22 @@ class ProcessorKind:
     """A non-training step: it edits its job document and may end it (Finish) or fork (Wait).
 
     Its options are checked against `options` when the pipeline is read, so that a mistake is
-    refused before the grid it processes has trained.
+    refused before the grid it processes has trained; `foresee` checks them against the plan.
     """
 
     name: str
     options: type[Section]
     run: Processor
+    foresee: Foresee | None = None
 
 
 PROCESSORS: Registry[ProcessorKind] = Registry("processor", "processor")
 
 
-def register_processor(name: str, options: type[Section]) -> Callable[[Processor], Processor]:
+def register_processor(name: str, options: type[Section], *,
+                       foresee: Foresee | None = None) -> Callable[[Processor], Processor]:
     def add(run: Processor) -> Processor:
-        PROCESSORS.register(name)(ProcessorKind(name, options, run))
+        PROCESSORS.register(name)(ProcessorKind(name, options, run, foresee))
         return run
 
     return add
@@ -163,35 +177,50 @@ def stage_kind(stages: Mapping[str, Any], name: str) -> str:
 
 
 def validate(doc: Mapping[str, Any]) -> None:
-    """Check the stage machine of a job document; raise ConfigError naming the key."""
+    """Check the stage machine of a job document; raise one ConfigError naming every problem."""
     stages = doc.get("stages")
     if not isinstance(stages, Mapping) or not stages:
         raise ConfigError("stages", "must be a non-empty mapping of stage names to stages")
+    problems = []
     if not isinstance(doc.get("config", {}), Mapping):
-        raise ConfigError("config", "must be a mapping")
+        problems.append(ConfigError("config", "must be a mapping"))
     current = doc.get("current_stage")
     if not isinstance(current, str) or current not in stages:
-        raise ConfigError("current_stage", f"{current!r} is not one of the stages "
-                                           f"({', '.join(map(str, stages))})")
+        problems.append(ConfigError("current_stage", f"{current!r} is not one of the stages "
+                                                     f"({', '.join(map(str, stages))})"))
     for name, spec in stages.items():
-        if not isinstance(spec, Mapping):
-            raise ConfigError(f"stages.{name}", "must be a mapping")
-        kind = stage_kind(stages, name)
-        unknown = sorted(set(spec) - STAGE_KEYS[kind])
-        if unknown:
-            raise ConfigError(f"stages.{name}.{unknown[0]}",
-                              f"unknown key for a {kind} stage"
-                              f"{did_you_mean(unknown[0], STAGE_KEYS[kind])} (known: "
-                              f"{', '.join(sorted(STAGE_KEYS[kind]))})")
-        for ref in ("next_stage", "child_stage"):
-            if ref in spec and spec[ref] not in stages:
-                raise ConfigError(f"stages.{name}.{ref}",
-                                  f"{spec[ref]!r} is not one of the stages")
-        if kind == "grid" and "child_stage" not in spec:
-            raise ConfigError(f"stages.{name}.child_stage",
-                              "a grid stage must name the stage its children start at")
+        try:
+            _validate_stage(stages, name, spec)
+        except ConfigError as exc:
+            problems.append(exc)
+    if not problems:  # a cycle can only be followed through stages that are whole
+        _check_acyclic(stages)
+    if problems:
+        raise ConfigError.combine(problems)
+
+
+def _validate_stage(stages: Mapping[str, Any], name: str, spec: Any) -> None:
+    if not isinstance(spec, Mapping):
+        raise ConfigError(f"stages.{name}", "must be a mapping")
+    kind = stage_kind(stages, name)
+    problems = []
+    for key in sorted(set(spec) - STAGE_KEYS[kind]):
+        problems.append(ConfigError(f"stages.{name}.{key}", f"unknown key for a {kind} stage"
+                                    f"{did_you_mean(key, STAGE_KEYS[kind])} (known: "
+                                    f"{', '.join(sorted(STAGE_KEYS[kind]))})"))
+    for ref in ("next_stage", "child_stage"):
+        if ref in spec and spec[ref] not in stages:
+            problems.append(ConfigError(f"stages.{name}.{ref}", f"{spec[ref]!r} is not one of "
+                                        f"the stages{did_you_mean(spec[ref], map(str, stages))}"))
+    if kind == "grid" and "child_stage" not in spec:
+        problems.append(ConfigError(f"stages.{name}.child_stage",
+                                    "a grid stage must name the stage its children start at"))
+    try:
         _validate_stage_body(name, kind, spec)
-    _check_acyclic(stages)
+    except ConfigError as exc:
+        problems.append(exc)
+    if problems:
+        raise ConfigError.combine(problems)
 
 
 def _validate_stage_body(name: str, kind: str, spec: Mapping[str, Any]) -> None:
@@ -230,13 +259,21 @@ def processor_call(stage: str, body: Any) -> tuple[ProcessorKind, Section]:
 def kind_call(doc: Mapping[str, Any], stage: str) -> tuple[JobKind, Section]:
     """The kind a hyperparams stage runs and its config (the job's with the stage's overrides
     on top), checked against the kind's schema: every key is read, or this raises."""
+    kind, config = _kind_and_config(doc, stage)
+    return kind, _checked(kind, config)
+
+
+def _kind_and_config(doc: Mapping[str, Any], stage: str) -> tuple[JobKind, dict[str, Any]]:
     overrides = doc["stages"][stage]["hyperparams"]
-    kind = _job_kind(stage, overrides)
     settings = {k: v for k, v in overrides.items() if k != "kind"}
+    return _job_kind(stage, overrides), merged(doc.get("config", {}), settings,
+                                               f"stages.{stage}.hyperparams")
+
+
+def _checked(kind: JobKind, config: Mapping[str, Any]) -> Section:
     others = {f"job kind '{name}'": other.schema for name, other in KINDS.items()
               if name != kind.name}
-    return kind, validate_schema(kind.schema, merged(doc.get("config", {}), settings),
-                                 elsewhere=others)
+    return validate_schema(kind.schema, config, elsewhere=others)
 
 
 def _check_acyclic(stages: Mapping[str, Any]) -> None:
@@ -263,24 +300,43 @@ def _check_acyclic(stages: Mapping[str, Any]) -> None:
 
 
 def prepare_root(doc: dict[str, Any], file_stem: str) -> dict[str, Any]:
-    """Turn a pipeline as a user wrote it into a root job: id, pipeline name, resolved values."""
-    unknown = sorted(set(doc) - ROOT_KEYS - BOOKKEEPING_KEYS)
-    if unknown:
-        raise ConfigError(unknown[0], f"unknown top-level key in a pipeline"
-                                      f"{did_you_mean(unknown[0], ROOT_KEYS)} (known: "
-                                      f"{', '.join(sorted(ROOT_KEYS))})")
+    """Turn a pipeline as a user wrote it into a root job: id, pipeline name, resolved values.
+
+    Dotted keys in ``config`` are nested (``optim.lr: 0.1`` is ``optim: {lr: 0.1}``), as in
+    grids and stage overrides. Every problem found is raised at once.
+    """
+    problems = [ConfigError(key, f"unknown top-level key in a pipeline"
+                                 f"{did_you_mean(key, ROOT_KEYS)} (known: "
+                                 f"{', '.join(sorted(ROOT_KEYS))})")
+                for key in sorted(set(doc) - ROOT_KEYS - BOOKKEEPING_KEYS, key=str)]
     name = doc.get("name", file_stem)
     if not isinstance(name, str) or not is_valid_id(name):
-        raise ConfigError("name", f"{name!r} cannot name a pipeline: use letters, digits and "
-                                  "._=+,- (no '/', '..' or '@'), at most 200 characters")
+        problems.append(ConfigError("name", f"{name!r} cannot name a pipeline: use letters, "
+                                            "digits and ._=+,- (no '/', '..' or '@'), at most "
+                                            "200 characters"))
+    problems += _bookkeeping_problems(doc)
     used: dict[str, str] = {}
     resolved = resolve_env({"config": doc.get("config", {}), "stages": doc.get("stages")},
                            used=used)
+    config = resolved["config"]
     root = {"pipeline": name, "id": name, "parent": None, "current_stage": doc.get("current_stage"),
-            "config": resolved["config"], "stages": resolved["stages"], "env": used,
+            "config": merged({}, config, "config") if isinstance(config, Mapping) else config,
+            "stages": resolved["stages"], "env": used,
             **{k: v for k, v in doc.items() if k in BOOKKEEPING_KEYS}}
-    validate(root)
+    try:
+        validate(root)
+    except ConfigError as exc:
+        problems.append(exc)
+    if problems:
+        raise ConfigError.combine(problems)
     return root
+
+
+def _bookkeeping_problems(doc: Mapping[str, Any]) -> list[ConfigError]:
+    return [ConfigError(key, f"is written by runners and must be a {kind.__name__} "
+                             f"(got {type(doc[key]).__name__}); remove it from the pipeline")
+            for key, kind in BOOKKEEPING_TYPES.items()
+            if key in doc and (not isinstance(doc[key], kind) or isinstance(doc[key], bool))]
 
 
 def expand_grid(grid: Mapping[str, Any], key: str, limit: int) -> list[dict[str, Any]]:
@@ -288,7 +344,7 @@ def expand_grid(grid: Mapping[str, Any], key: str, limit: int) -> list[dict[str,
 
     Scalar entries are set in every point; they are not axes.
     """
-    entries = list(flatten(grid))
+    entries = flat_entries(grid, key)
     axes = [(k, v) for k, v in entries if isinstance(v, list)]
     for axis, values in axes:
         if not values:
@@ -339,6 +395,8 @@ def children_of(doc: Mapping[str, Any], stage: str, limit: int) -> list[dict[str
             "current_stage": spec["child_stage"], "point": point,
             "config": merged(doc.get("config", {}), point), "stages": doc["stages"],
             "env": doc.get("env", {}),
+            # Only in a plan's branches (a setting select_best may pick): kept for its messages.
+            **({"assumed": doc["assumed"]} if "assumed" in doc else {}),
         })
     return children
 
@@ -411,7 +469,7 @@ def _run_kind(doc: dict[str, Any], stage: str, ctx: StageContext) -> None:
         return  # re-running a job that already has its result does not train again
     kind, config = kind_call(doc, stage)
     if kind.complete is not None:
-        config = kind.complete(config)
+        config = kind.complete(config, ctx.device)
     started = time.monotonic()
     output = kind.run(config, ctx)
     doc.update(output)
@@ -426,21 +484,64 @@ def _run_kind(doc: dict[str, Any], stage: str, ctx: StageContext) -> None:
 # -- checking a whole pipeline -----------------------------------------------------------------
 
 
-def planned_runs(doc: dict[str, Any], limit: int) -> Iterator[tuple[dict[str, Any], str]]:
+Problems = list[tuple[str, ConfigError]]  # (job id, error) found while walking a plan
+
+
+def planned_runs(doc: dict[str, Any], limit: int,
+                 problems: Problems | None = None) -> Iterator[tuple[dict[str, Any], str]]:
     """Every (job, hyperparams stage) that `doc` will run, its forks expanded, in order.
 
-    A stage after a processor sees the config as it is before the processor ran (select_best
-    writes one of the grid's own values, which the grid's jobs have checked).
+    After a processor that changes the job (select_best), the stages that follow are walked
+    once for each document it can leave (each setting it may select). A problem of the plan
+    itself (colliding job ids, a processor whose options do not fit it) goes into `problems`
+    when given, and that branch is not walked further; else it is raised.
     """
-    stage = doc["current_stage"]
+    yield from _walk(doc, doc["current_stage"], [], limit, problems)
+
+
+def _walk(doc: dict[str, Any], stage: str | None, forked: list[str], limit: int,
+          problems: Problems | None) -> Iterator[tuple[dict[str, Any], str]]:
     while stage:
         kind = stage_kind(doc["stages"], stage)
-        if kind == "grid":
-            for child in children_of(doc, stage, limit):
-                yield from planned_runs(child, limit)
-        elif kind == "hyperparams":
+        after_this = doc["stages"][stage].get("next_stage")
+        if kind == "hyperparams":
             yield doc, stage
-        stage = doc["stages"][stage].get("next_stage")
+            stage = after_this
+            continue
+        try:
+            branches, found = _branches(doc, stage, kind, forked, limit)
+        except ConfigError as exc:  # a grid that cannot fork: go on past it to find the rest
+            branches, found = [], [exc]
+        for error in found:
+            if problems is None:
+                raise error
+            problems.append((doc["id"], error))
+        if kind == "grid":
+            for child in branches:
+                yield from _walk(child, child["current_stage"], [], limit, problems)
+            forked = [*forked, stage]
+        else:
+            for branch in branches:
+                yield from _walk(branch, after_this, forked, limit, problems)
+            return
+        stage = after_this
+
+
+def _branches(doc: dict[str, Any], stage: str, kind: str, forked: list[str],
+              limit: int) -> tuple[list[dict[str, Any]], list[ConfigError]]:
+    """The children a grid stage forks, or the documents a processor stage can leave; and the
+    problems found on the way."""
+    if kind == "grid":
+        return children_of(doc, stage, limit), []
+    processor, options = processor_call(stage, doc["stages"][stage]["processor"])
+    if processor.foresee is None:
+        return [doc], []
+    return processor.foresee(doc, stage, options, forked)
+
+
+def grid_axes(doc: Mapping[str, Any], stage: str) -> list[str]:
+    """The swept (list-valued) keys of a grid stage, dotted."""
+    return [key for key, value in flatten(doc["stages"][stage]["grid"]) if isinstance(value, list)]
 
 
 def count_jobs(doc: dict[str, Any], limit: int) -> int:
@@ -458,12 +559,30 @@ def inspect_run(job: Mapping[str, Any], stage: str, *, deep: bool) -> list[Confi
     """The problems of one planned run: its config against the kind's schema, and when `deep`,
     what the kind's own inspection finds (data files, model names, cached weights)."""
     try:
-        kind, config = kind_call(job, stage)
+        kind, raw = _kind_and_config(job, stage)
     except ConfigError as exc:
         return list(exc.problems)
-    if not deep or kind.inspect is None:
-        return []
-    return kind.inspect(config)
+    found: list[ConfigError | Advice] = []
+    try:
+        config: Section | None = _checked(kind, raw)
+    except ConfigError as exc:
+        found += exc.problems
+        config = _without(kind, raw, exc.problems) if deep else None
+    if config is not None and deep and kind.inspect is not None:
+        found += kind.inspect(config)
+    return found
+
+
+def _without(kind: JobKind, raw: Mapping[str, Any], problems: list[ConfigError]) -> Section | None:
+    """`raw` checked without the keys that have problems (defaults take their place), so that a
+    misspelt key does not hide a missing dataset; None if that is not a valid config either."""
+    trimmed = copy.deepcopy(dict(raw))
+    for problem in problems:
+        delete_path(trimmed, problem.key)
+    try:
+        return _checked(kind, trimmed)
+    except ConfigError:
+        return None
 
 
 @dataclass
@@ -472,13 +591,18 @@ class PlanReport:
 
     errors: dict[tuple[str, str], list[str]] = field(default_factory=dict)
     advice: dict[tuple[str, str], list[str]] = field(default_factory=dict)
-    runs: int = 0
+    checked: set[str] = field(default_factory=set)  # the runs' job ids
+
+    @property
+    def runs(self) -> int:
+        return len(self.checked)
 
     def add(self, job_id: str, findings: list[ConfigError | Advice]) -> None:
-        self.runs += 1
         for finding in findings:
             into = self.advice if isinstance(finding, Advice) else self.errors
-            into.setdefault((finding.key, finding.message), []).append(job_id)
+            jobs = into.setdefault((finding.key, finding.message), [])
+            if job_id not in jobs:
+                jobs.append(job_id)
 
     def raise_errors(self, note: str) -> None:
         """One ConfigError with every problem; which jobs have them is said once per run of
@@ -499,16 +623,30 @@ def jobs_phrase(jobs: list[str]) -> str:
     return f"in the job {jobs[0]}" if len(jobs) == 1 else f"in {len(jobs)} jobs, e.g. {jobs[0]}"
 
 
+def _label(job: Mapping[str, Any]) -> str:
+    """The job's id, with the selections a plan branch assumes."""
+    assumed = "; ".join(f"{stage} selects {', '.join(f'{k}={v}' for k, v in setting.items())}"
+                        for stage, setting in (job.get("assumed") or {}).items())
+    return f"{job['id']} (if {assumed})" if assumed else job["id"]
+
+
 def check_plan(root: dict[str, Any], limit: int, *, deep: bool) -> PlanReport:
     """Check every job `root` will run against its kind's schema (and, when `deep`, the kind's
     inspection), before anything is forked."""
-    total = count_jobs(root, limit)
+    try:
+        total = count_jobs(root, limit)
+    except ConfigError:  # a grid that cannot expand: the walk below reports it with the rest
+        total = 0
     if total > MAX_PLANNED_JOBS:
         raise ConfigError("stages", f"the pipeline expands to {total} jobs in all, more than "
                                     f"{MAX_PLANNED_JOBS}: split it into several pipelines")
     report = PlanReport()
-    for job, stage in planned_runs(root, limit):
-        report.add(job["id"], inspect_run(job, stage, deep=deep))
+    problems: Problems = []
+    for job, stage in planned_runs(root, limit, problems):
+        report.checked.add(job["id"])  # once, however many settings select_best may pick
+        report.add(_label(job), inspect_run(job, stage, deep=deep))
+    for job_id, error in problems:
+        report.add(job_id, list(error.problems))
     return report
 
 

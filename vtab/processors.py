@@ -16,20 +16,28 @@ import contextlib
 import math
 import os
 import statistics
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 from vtab import yamlio
-from vtab.config import get_path, set_path, typed
-from vtab.errors import ConfigError, VtabError
+from vtab.config import get_path, merged, set_path, typed
+from vtab.errors import ConfigError, VtabError, did_you_mean
 from vtab.faults import crash_point
-from vtab.pipeline import Finish, StageContext, register_processor
+from vtab.pipeline import (
+    Finish,
+    StageContext,
+    expand_grid,
+    grid_axes,
+    register_processor,
+)
 from vtab.provenance import now_iso
 from vtab.schema import Field, Section
 from vtab.workarea import SUMMARIZED, WorkArea
 
-SUMMARY_KEYS = ("result", "std", "seeds", "metrics", "evaluated_on", "selected", "tuning")
+SUMMARY_KEYS = ("result", "std", "seeds", "metrics", "evaluated_on", "selected", "selected_on",
+                "tuning")
 
 
 def _where(doc: Mapping[str, Any]) -> str:
@@ -52,6 +60,60 @@ class SelectBestOptions(FromFork):
 
 class AggregateOptions(FromFork):
     seed_key: str = Field("seed", description="the config key that tells seeds apart")
+
+
+def _grid_read(stage: str, options: FromFork, forked: list[str]) -> str:
+    """The grid stage whose children the processor at `stage` reads, checked against the plan."""
+    where = f"stages.{stage}.processor"
+    if options.grid_stage is None:
+        if not forked:
+            raise ConfigError(where, "no grid stage forks children before this processor, so "
+                                     "it has nothing to read")
+        return forked[-1]
+    if options.grid_stage not in forked:
+        raise ConfigError(f"{where}.grid_stage",
+                          f"{options.grid_stage!r} is not a grid stage this job forks before "
+                          f"it{did_you_mean(options.grid_stage, forked)} (forked by then: "
+                          f"{', '.join(forked) or 'none'})")
+    return options.grid_stage
+
+
+def _seed_key_problems(doc: Mapping[str, Any], stage: str,
+                       options: SelectBestOptions | AggregateOptions,
+                       grid: str) -> list[ConfigError]:
+    """A seed key set by hand must be an axis of the grid read: else no seed is told apart."""
+    axes = grid_axes(doc, grid)
+    if "seed_key" not in options.model_fields_set or options.seed_key in axes:
+        return []
+    return [ConfigError(f"stages.{stage}.processor.seed_key",
+                        f"{options.seed_key!r} is not swept by grid stage {grid!r}"
+                        f"{did_you_mean(options.seed_key, axes)} (its axes: {', '.join(axes)})")]
+
+
+Foreseen = tuple[list[dict[str, Any]], list[ConfigError]]
+
+
+def _foresee(doc: dict[str, Any], stage: str, options: FromFork,
+             forked: list[str]) -> Foreseen:
+    """The documents a processor can leave, and the problems of its options in the plan:
+    select_best one per setting it may pick (the grid's points without the seed), aggregate
+    and summarize the job as it is."""
+    try:
+        grid = _grid_read(stage, options, forked)
+    except ConfigError as exc:
+        return [doc], [exc]
+    seeded = isinstance(options, SelectBestOptions | AggregateOptions)
+    problems = _seed_key_problems(doc, stage, options, grid) if seeded else []
+    if not isinstance(options, SelectBestOptions):
+        return [doc], problems
+    branches: dict[str, dict[str, Any]] = {}
+    # The walk has forked this grid under the runner's limit already: no limit again here.
+    for point in expand_grid(doc["stages"][grid]["grid"], f"stages.{grid}.grid", sys.maxsize):
+        setting = {k: v for k, v in point.items() if k != options.seed_key}
+        branches.setdefault(repr(setting), {
+            **doc, "config": merged(doc.get("config", {}), setting),
+            "assumed": {**doc.get("assumed", {}), stage: setting}})
+    return list(branches.values()), problems
 
 
 def _fork_children(doc: Mapping[str, Any], options: FromFork) -> list[str]:
@@ -108,7 +170,7 @@ def _one_per_key(doc: Mapping[str, Any], what: str, hint: str,
     return out
 
 
-@register_processor("select_best", SelectBestOptions)
+@register_processor("select_best", SelectBestOptions, foresee=_foresee)
 def select_best(doc: dict[str, Any], options: SelectBestOptions, ctx: StageContext) -> None:
     """Pick the setting with the best mean over seeds; ties go to the first in grid order.
 
@@ -116,7 +178,8 @@ def select_best(doc: dict[str, Any], options: SelectBestOptions, ctx: StageConte
     """
     seed_key, metric, higher = options.seed_key, options.metric, options.mode == "max"
     groups: dict[tuple[tuple[str, str], ...], tuple[dict[str, Any], list[float]]] = {}
-    for child in _children(doc, options, ctx):
+    children = _children(doc, options, ctx)
+    for child in children:
         setting = {k: v for k, v in child.get("point", {}).items() if k != seed_key}
         key = tuple((k, repr(v)) for k, v in setting.items())
         groups.setdefault(key, (setting, []))[1].append(_value(child, metric))
@@ -130,12 +193,15 @@ def select_best(doc: dict[str, Any], options: SelectBestOptions, ctx: StageConte
                         "there is nothing to select")
     best = (max if higher else min)(ranked, key=lambda row: row["mean"])
     doc["selected"] = best["setting"]
+    how = _evaluated_on_all(doc, children)
+    doc["selected_on"] = {"split": how["split"],
+                          "metric": how["metric"] if metric == "result" else metric}
     doc["tuning"] = tuning
     for key, value in best["setting"].items():
         set_path(doc["config"], key, value)
 
 
-@register_processor("aggregate", AggregateOptions)
+@register_processor("aggregate", AggregateOptions, foresee=_foresee)
 def aggregate(doc: dict[str, Any], options: AggregateOptions, ctx: StageContext) -> None:
     """Mean and std over the seeds of the final runs, one child per seed."""
     seed_key = options.seed_key
@@ -147,8 +213,7 @@ def aggregate(doc: dict[str, Any], options: AggregateOptions, ctx: StageContext)
          for c, r in zip(children, results, strict=True)])
     doc["result"], doc["std"] = _mean_std(results)
     doc["seeds"] = seeds
-    doc["evaluated_on"] = _common(doc, "evaluation split and metric",
-                                  [(c["id"], evaluated_on(c)) for c in children])
+    doc["evaluated_on"] = _evaluated_on_all(doc, children)
     names = sorted({m for c in children for m in (c.get("metrics") or {})})
     doc["metrics"] = {}
     for name in names:
@@ -164,17 +229,20 @@ def evaluated_on(job: Mapping[str, Any]) -> dict[str, Any]:
             "metric": get_path(job, "run_config.metric", None)}
 
 
-def _common(doc: Mapping[str, Any], what: str, entries: list[tuple[str, Any]]) -> Any:
-    """The value every child has; children that differ would make one number of two things."""
-    for child_id, value in entries[1:]:
-        if value != entries[0][1]:
-            raise ConfigError(_where(doc), f"the children {entries[0][0]} and {child_id} differ "
-                                           f"in their {what} ({entries[0][1]} and {value}): "
-                                           "they cannot be averaged into one result")
-    return entries[0][1] if entries else None
+def _evaluated_on_all(doc: Mapping[str, Any], children: list[dict[str, Any]]) -> dict[str, Any]:
+    """The split and metric all `children` were evaluated on: children that differ would make
+    one number of two things."""
+    first = evaluated_on(children[0]) if children else {"split": None, "metric": None}
+    for child in children[1:]:
+        if evaluated_on(child) != first:
+            raise ConfigError(_where(doc), f"the children {children[0]['id']} and {child['id']} "
+                                           f"differ in their evaluation split or metric ({first} "
+                                           f"and {evaluated_on(child)}): they cannot be averaged "
+                                           "or compared")
+    return first
 
 
-@register_processor("summarize", FromFork)
+@register_processor("summarize", FromFork, foresee=_foresee)
 def summarize(doc: dict[str, Any], options: FromFork, ctx: StageContext) -> Finish:
     """Write the pipeline's summary and move every job of the pipeline beside it."""
     pipeline = doc["pipeline"]

@@ -59,6 +59,7 @@ class PipelineResult:
     split: str | None  # the evaluation split of every dataset, when the summary records one
     scores: dict[str, Score]
     selected: dict[str, dict[str, Any]]  # dataset -> {dotted hyperparameter: value}
+    selected_on: dict[str, str]  # dataset -> how it was selected ("result on val200")
 
     @property
     def backbone_label(self) -> str:
@@ -146,7 +147,14 @@ def _parse_summary(data: dict[str, Any], pipeline: str) -> PipelineResult:
         selected={name: dict(flatten(_get(entry, "selected", dict, "a mapping",
                                           f"datasets.{name}", default={})))
                   for name, entry in entries.items()},
+        selected_on={name: _selection(entry) for name, entry in entries.items()
+                     if isinstance(entry.get("selected_on"), dict)},
     )
+
+
+def _selection(entry: dict[str, Any]) -> str:
+    how = entry["selected_on"]
+    return f"{how.get('metric') or 'result'} on {how.get('split') or 'an unrecorded split'}"
 
 
 def _dataset_name(name: Any) -> str:
@@ -222,7 +230,7 @@ def render_text(table: Table, *, show_std: bool = True, transpose: bool = False)
                   *(f"  {line}" for line in missing)]
     selected = _selected(table)
     if selected:
-        lines += ["", "selected hyperparameters (chosen on validation):"]
+        lines += ["", f"selected hyperparameters ({_chosen(table)}):"]
         for pipeline, settings in selected:
             width = max(len(dataset) for dataset, _ in settings)
             lines += [f"  {pipeline}",
@@ -242,7 +250,7 @@ def render_markdown(table: Table, *, show_std: bool = True, transpose: bool = Fa
                   *(f"- {_escape(line)}" for line in missing)]
     selected = _selected(table)
     if selected:
-        lines += ["", "**Selected hyperparameters** (chosen on validation)", ""]
+        lines += ["", f"**Selected hyperparameters** ({_chosen(table)})", ""]
         for pipeline, settings in selected:
             lines += [f"- {_escape(pipeline)}",
                       *(f"  - {_escape(dataset)} `{text}`" for dataset, text in settings)]
@@ -396,6 +404,19 @@ def _selected(table: Table) -> list[tuple[str, list[tuple[str, str]]]]:
         if settings:
             selected.append((row.result.pipeline, settings))
     return selected
+
+
+def _chosen(table: Table) -> str:
+    """How the selected settings were chosen, as the summaries record it."""
+    ways = {way for row in table.rows for name, way in row.result.selected_on.items()
+            if row.result.selected.get(name)}
+    recorded = all(name in row.result.selected_on for row in table.rows
+                   for name, setting in row.result.selected.items() if setting)
+    if len(ways) == 1 and recorded:
+        return f"chosen by the best mean {next(iter(ways))}"
+    if not ways:
+        return "chosen during tuning; the summaries do not record on which split"
+    return "chosen during tuning, not all alike: see selected_on in each summary"
 
 
 def compact_setting(setting: dict[str, Any]) -> str:

@@ -320,12 +320,7 @@ class Runner:
             self._give_back(claim, doc)
         except RunnerEnvironmentError as exc:
             self.broken = str(exc)
-            if doc is not None:
-                doc.setdefault("errors", []).append({
-                    **self._error_record(exc, claim, doc),
-                    "note": "the runner's environment, not the job: not counted as an attempt; "
-                            "the runner gave the job back and stopped"})
-            self._give_back(claim, doc)
+            self._environment_failed(claim, doc, exc)
         except LeaseLost:
             self._lost(claim, doc)
         except VtabError as exc:
@@ -399,6 +394,7 @@ class Runner:
         if "error" in doc:  # moved back from crashed/ by hand: a fresh series of attempts
             doc.setdefault("previous_errors", []).append(doc.pop("error"))
             doc["attempts"] = 0
+            doc.pop("environment_failures", None)
         doc["attempts"] = int(doc.get("attempts") or 0) + 1
         doc["lease"] = {"runner": self.id, "host": self.settings.host, "pid": os.getpid(),
                         "device": self.device, "claimed_at": provenance.now_iso()}
@@ -483,6 +479,7 @@ class Runner:
                 "seconds": round(time.monotonic() - started, 3)})
             if isinstance(outcome, Advance):
                 doc["current_stage"], doc["attempts"] = outcome.stage, 0
+                doc.pop("environment_failures", None)
                 self.area.write(claim, doc)
                 continue
             self._settle(claim, doc, outcome)
@@ -491,6 +488,7 @@ class Runner:
     def _settle(self, claim: Claim, doc: dict[str, Any], outcome: Wait | Finish) -> None:
         """Record the outcome in the job, then move the file where the content says."""
         doc["attempts"] = 0
+        doc.pop("environment_failures", None)
         doc.pop("lease", None)
         if isinstance(outcome, Finish):
             doc["finished_at"] = provenance.now_iso()
@@ -585,6 +583,31 @@ class Runner:
         return True
 
     # -- endings -------------------------------------------------------------------------------
+
+    def _environment_failed(self, claim: Claim, doc: dict[str, Any] | None,
+                            exc: RunnerEnvironmentError) -> None:
+        """The runner's environment failed the job: give it back uncounted (this runner stops).
+
+        A job that fails so on `max_attempts` runners in a row is crashed after all: every
+        runner failing alike points at the job (a batch no GPU can hold), and without a limit
+        it would stop every runner that claims it.
+        """
+        if doc is None:
+            self._give_back(claim, doc)
+            return
+        failures = int(doc.get("environment_failures") or 0) + 1
+        doc["environment_failures"] = failures
+        if failures >= self.settings.max_attempts:
+            self._crash(claim, doc, exc, note=(
+                f"{failures} runners in a row could not run it because of their environment "
+                "(see errors); if the job asks for more than any of them has, change its "
+                "config, else fix the runners; then move it back into the work area"))
+            return
+        doc.setdefault("errors", []).append({
+            **self._error_record(exc, claim, doc),
+            "note": "the runner's environment, not the job: not counted as an attempt; the "
+                    f"runner gave the job back and stopped ({failures} in a row)"})
+        self._give_back(claim, doc)
 
     def _give_back(self, claim: Claim, doc: dict[str, Any] | None) -> None:
         """The runner stops: the attempt does not count, the job goes back to the queue."""

@@ -13,7 +13,7 @@ import types
 import typing
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any, TypeVar, Union
+from typing import Annotated, Any, ClassVar, TypeVar, Union
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
 from pydantic.fields import FieldInfo
@@ -25,9 +25,14 @@ M = TypeVar("M", bound="Section")
 
 
 class Section(BaseModel):
-    """A part of a config: unknown keys and loosely typed values are errors."""
+    """A part of a config: unknown keys and loosely typed values are errors.
+
+    `hints` says more about keys a user may try that the section does not have (a synonym, a
+    feature that is not there yet); an unknown key's error quotes it.
+    """
 
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, frozen=True)
+    hints: ClassVar[Mapping[str, str]] = {}
 
 
 @dataclass(frozen=True)
@@ -158,7 +163,7 @@ def _variants_of(info: FieldInfo) -> Variants | None:
 _TYPES = {"float_type": "a number", "int_type": "an integer", "string_type": "a string",
           "bool_type": "true or false", "list_type": "a list", "dict_type": "a mapping",
           "model_type": "a mapping", "model_attributes_type": "a mapping",
-          "literal_error": None, "int_from_float": "an integer"}
+          "int_from_float": "an integer"}
 _BOUNDS = {"greater_than": ("gt", "must be greater than"),
            "greater_than_equal": ("ge", "must be at least"),
            "less_than": ("lt", "must be less than"),
@@ -190,9 +195,21 @@ def _problem(schema: type[Section], error: Any,
     if kind == "finite_number":
         return ConfigError(place.key, f"must be a finite number, got {value!r}")
     if kind in _TYPES:
-        return ConfigError(place.key, f"expected {_TYPES[kind]}, got {_describe(value)}")
+        return ConfigError(place.key, f"expected {_TYPES[kind]}, got {_describe(value)}"
+                                      f"{_quoted_number(value)}")
     message = str(error["msg"]).removeprefix("Value error, ")
     return ConfigError(place.key, message)
+
+
+def _quoted_number(value: Any) -> str:
+    """A hint for a number written in quotes."""
+    if not isinstance(value, str):
+        return ""
+    try:
+        float(value)
+    except ValueError:
+        return ""
+    return " (a number in quotes is a string: write it without them)"
 
 
 def _describe(value: Any) -> str:
@@ -204,6 +221,8 @@ def _describe(value: Any) -> str:
 def _unknown_key(schema: type[Section], place: _Place,
                  elsewhere: Mapping[str, type[Section]]) -> str:
     name = place.key.rsplit(".", 1)[-1]
+    if place.section is not None and name in place.section.hints:
+        return f"unknown key: {place.section.hints[name]}"
     if place.chooser is not None:
         union_key, marker, tag = place.chooser
         readers = [t for t, s in marker.sections.items() if t != tag and name in s.model_fields]

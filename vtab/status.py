@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -11,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from vtab import kinds, processors, yamlio  # noqa: F401  (registers kinds and processors)
-from vtab.errors import RunnerEnvironmentError, VtabError
+from vtab.errors import ConfigError, RunnerEnvironmentError, VtabError
 from vtab.pipeline import (
     DEFAULT_MAX_GRID_POINTS,
     check_plan,
@@ -136,14 +137,14 @@ def plan(path: Path, limit: int) -> int:
     config against its kind's schema, its data, backbone and weights. 1 if anything is wrong."""
     try:
         root = prepare_root(yamlio.load_mapping(path), path.stem)
-        lines = [f"pipeline {root['pipeline']} ({path})", *plan_lines(root, limit),
-                 f"{count_jobs(root, limit)} jobs in all"]
         report = check_plan(root, limit, deep=True)
     except (OSError, VtabError, RunnerEnvironmentError) as exc:
         message = str(exc)
         print(message if str(path) in message else f"{path}: {message}", file=sys.stderr)
         return 1
-    print("\n".join(lines))
+    with contextlib.suppress(ConfigError):  # it cannot be expanded: the problems below say why
+        print("\n".join([f"pipeline {root['pipeline']} ({path})", *plan_lines(root, limit),
+                         f"{count_jobs(root, limit)} jobs in all"]))
     for (key, message), jobs in report.advice.items():
         print(f"warning: key '{key}': {message} ({jobs_phrase(jobs)})", file=sys.stderr)
     if report.errors:
@@ -152,8 +153,8 @@ def plan(path: Path, limit: int) -> int:
         for (key, message), jobs in report.errors.items():
             print(f"  key '{key}': {message} ({jobs_phrase(jobs)})", file=sys.stderr)
         return 1
-    print(f"checked the {report.runs} runs it would make: every key, data folder, split file, "
-          "backbone and checkpoint is in order")
+    print(f"checked the {report.runs} runs it would make (after select_best, with every setting "
+          "it may pick): every key, data folder, split file, backbone and checkpoint is in order")
     return 0
 
 

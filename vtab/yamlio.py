@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,13 @@ class _Loader(_BaseLoader):  # type: ignore[misc,valid-type]
         return super().construct_mapping(node, deep=deep)
 
 
+# YAML 1.1 (PyYAML) reads 1e-3 as a string: a float needs a dot there (1.0e-3). YAML 1.2 and
+# every other tool read it as a number, and it is how learning rates are written: do the same.
+_FLOAT_WITHOUT_DOT = re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$")
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_WITHOUT_DOT,
+                              list("-+0123456789"))
+
+
 class YamlFileError(VtabError):
     """A yaml file that cannot be read as a mapping."""
 
@@ -65,6 +73,11 @@ def parse_mapping(raw: bytes, name: str) -> dict[str, Any]:
     return data
 
 
+def load_scalar(text: str) -> Any:
+    """One YAML value read as a job file's values are (an environment variable's, say)."""
+    return yaml.load(text, Loader=_Loader)
+
+
 def load_mapping(path: Path) -> dict[str, Any]:
     return parse_mapping(path.read_bytes(), str(path))
 
@@ -74,6 +87,11 @@ class _PlainDumper(_BaseDumper):  # type: ignore[misc,valid-type]
 
     def ignore_aliases(self, data: Any) -> bool:
         return True
+
+
+# Strings that read as such floats must be quoted when written, so that they read back as strings.
+_PlainDumper.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_WITHOUT_DOT,
+                                   list("-+0123456789"))
 
 
 def dump(data: dict[str, Any]) -> str:

@@ -15,6 +15,7 @@ import difflib
 import functools
 import hashlib
 import importlib
+import importlib.util
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -215,6 +216,14 @@ class ModuleSource(Source):
     def check_name(self, name: str) -> None:
         if not re.fullmatch(r"[\w.]+:\w+", name):
             raise ConfigError("backbone.name", f"expected 'package.module:function', got {name!r}")
+        module = name.split(":")[0]
+        try:  # finds the module without running it; the function is looked up when it is built
+            found = importlib.util.find_spec(module)
+        except (ImportError, ValueError) as exc:  # a parent package that is missing or broken
+            raise ConfigError("backbone.name", f"cannot find module {module}: {exc}") from exc
+        if found is None:
+            raise ConfigError("backbone.name", f"cannot find module {module} (is it installed, "
+                                               "or on PYTHONPATH of every runner?)")
 
     def build(self, name: str, weights_id: str | None) -> nn.Module:
         module_name, function = name.split(":")

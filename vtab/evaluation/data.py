@@ -7,6 +7,7 @@ surfaces as an error naming the file and line instead of as a silently smaller d
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -80,19 +81,31 @@ def open_split(root: Path, dataset: str, split: str, *, key: str) -> Split:
     _require_folder(folder, "dataset", "dataset folder")
     file = folder / f"{split}.txt"
     if not file.is_file():
-        present = sorted(p.stem for p in folder.glob("*.txt"))
-        raise ConfigError(key, f"split file {file.absolute()} does not exist "
+        present = sorted(p.stem for p in folder.glob("*.txt") if p.is_file())
+        what = "is not a file" if file.exists() else "does not exist"
+        raise ConfigError(key, f"split file {file.absolute()} {what} "
                                f"(split files there: {', '.join(present) or 'none'})")
-    data = file.read_bytes()
+    stat = file.stat()
     try:
-        entries = parse_split_text(data.decode("utf-8"), file)
+        sha256, entries = _read_split(file, (stat.st_ino, stat.st_size, stat.st_mtime_ns,
+                                             stat.st_ctime_ns))
     except UnicodeDecodeError as exc:
         raise ConfigError(key, f"split file {file}: not UTF-8 text (offset {exc.start})") from None
     except DataError as exc:  # a bad line: name the key that chose this split file too
         raise ConfigError(key, f"split file {exc}") from None
     if not entries:
         raise ConfigError(key, f"split file {file} has no entries")
-    return Split(dataset, split, folder, file, hashlib.sha256(data).hexdigest(), tuple(entries))
+    return Split(dataset, split, folder, file, sha256, entries)
+
+
+@functools.lru_cache(maxsize=256)
+def _read_split(file: Path, stamp: tuple[int, int, int, int]) -> tuple[
+        str, tuple[tuple[str, int], ...]]:
+    """(sha256, entries) of a split file, parsed once while its `stamp` (inode, size, mtime,
+    ctime) stays the same: a plan opens each split file once for every job that reads it. Any
+    write changes the ctime, which no one can set back."""
+    data = file.read_bytes()
+    return hashlib.sha256(data).hexdigest(), tuple(parse_split_text(data.decode("utf-8"), file))
 
 
 def sibling_splits(split: Split) -> list[Split]:

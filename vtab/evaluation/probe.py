@@ -93,19 +93,28 @@ def parse_config(config: LinearProbeConfig | Mapping[str, Any]) -> LinearProbeCo
     return validate(LinearProbeConfig, config)
 
 
-def complete_config(config: LinearProbeConfig) -> LinearProbeConfig:
-    """`config` with the defaults that depend on the backbone filled in (its input size)."""
-    if config.features.image_size is not None:
-        return config
-    size = resolve_backbone(config.backbone).default_image_size
-    return config.model_copy(update={
-        "features": config.features.model_copy(update={"image_size": size})})
+def complete_config(config: LinearProbeConfig, device: str) -> LinearProbeConfig:
+    """`config` with the values that depend on more than it filled in: the backbone's input
+    size when none is set, and the precision ``auto`` stands for on `device`."""
+    features = config.features
+    size = features.image_size or resolve_backbone(config.backbone).default_image_size
+    return config.model_copy(update={"features": features.model_copy(update={
+        "image_size": size, "precision": resolve_precision(features.precision, device)})})
 
 
 def _open_splits(cfg: LinearProbeConfig) -> dict[str, Split]:
+    """The training and evaluation splits; the problems of both at once."""
     root = Path(cfg.data.root).expanduser()
-    return {"train": open_split(root, cfg.dataset, cfg.data.train_split, key="data.train_split"),
-            "eval": open_split(root, cfg.dataset, cfg.data.eval_split, key="data.eval_split")}
+    splits, problems = {}, []
+    for role, key, name in (("train", "data.train_split", cfg.data.train_split),
+                            ("eval", "data.eval_split", cfg.data.eval_split)):
+        try:
+            splits[role] = open_split(root, cfg.dataset, name, key=key)
+        except ConfigError as exc:
+            problems.append(exc)
+    if problems:
+        raise ConfigError.combine(problems)
+    return splits
 
 
 def _check_classes(cfg: LinearProbeConfig, classes: int) -> None:

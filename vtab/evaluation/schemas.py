@@ -7,7 +7,8 @@ configs without it. The evaluation code reads its settings from these models onl
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal, get_args
+from collections.abc import Mapping
+from typing import Annotated, ClassVar, Literal, get_args
 
 from pydantic import AfterValidator, Field, model_validator
 
@@ -52,7 +53,16 @@ class BackboneConfig(Section):
                                              "DEFAULT; timm: pretrained) or a checkpoint file")
 
 
+_ONE_LAYER = ("features from other layers are not supported yet: the backbone's final pooled "
+              "output (or CLS token) is used")
+_OFFLINE_ONLY = "only the offline mode (a head trained on cached frozen features) exists yet"
+
+
 class FeaturesConfig(Section):
+    hints: ClassVar[Mapping[str, str]] = {
+        "layer": _ONE_LAYER, "layers": _ONE_LAYER, "pool": _ONE_LAYER, "pooling": _ONE_LAYER,
+        "mode": _OFFLINE_ONLY, "augment": _OFFLINE_ONLY, "augmentation": _OFFLINE_ONLY}
+
     image_size: int | None = Field(
         None, ge=1, le=4096,
         description="square input size in pixels; null: the backbone's own (224 for most)")
@@ -70,6 +80,11 @@ class LinearHead(Section):
 
 
 class _Optimizer(Section):
+    hints: ClassVar[Mapping[str, str]] = {
+        "learning_rate": "did you mean 'lr'?", "wd": "did you mean 'weight_decay'?",
+        "optimizer": "did you mean 'name'?", "type": "did you mean 'name'?",
+        "warmup": "did you mean 'warmup_epochs'?"}
+
     name: str  # each optimizer's own Literal; declared here so that it comes first
     lr: float = Field(gt=0, description="peak learning rate")
     weight_decay: float = Field(0.0, ge=0, description="decoupled for adamw, L2 for sgd")
@@ -95,8 +110,9 @@ class AdamWOptimizer(_Optimizer):
 
 
 HeadConfig = variants("kind", "head kind", [LinearHead], default="linear")
-OptimConfig = variants("name", "optimizer", [SgdOptimizer, AdamWOptimizer], default="sgd")
-OPTIMIZERS = ("sgd", "adamw")
+OPTIMIZER_SECTIONS = (SgdOptimizer, AdamWOptimizer)
+OptimConfig = variants("name", "optimizer", OPTIMIZER_SECTIONS, default="sgd")
+OPTIMIZERS: tuple[str, ...] = tuple(s.model_fields["name"].default for s in OPTIMIZER_SECTIONS)
 
 
 class LinearProbeConfig(Section):
@@ -108,5 +124,5 @@ class LinearProbeConfig(Section):
     features: FeaturesConfig = Field(FeaturesConfig(), description="feature extraction")
     head: HeadConfig = Field(LinearHead(), description="the head")
     optim: OptimConfig
-    seed: int = Field(0, ge=0, description="head initialisation and data order")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="head initialisation and data order")
     metric: Metric = Field("top1", description="the metric reported as result")

@@ -35,6 +35,7 @@ SEEDS = int(os.environ.get("VTAB_CHAOS_SEEDS", "3"))
 KILLS = int(os.environ.get("VTAB_CHAOS_KILLS", "10"))
 CRASH_PROBABILITY = os.environ.get("VTAB_CHAOS_CRASH_PROBABILITY", "0.01")
 RUNNERS = 4
+FIRST_KILL_LOOKS = 400  # looks for a runner holding a job before the first kill takes any
 DATASETS = ("a", "b", "c")
 
 
@@ -94,12 +95,15 @@ def _run_with_chaos(area: WorkArea, seed: int, kills: int,
     killed = 0
     deadline = time.monotonic() + 300
     summary = area.folder(SUMMARIZED) / "toy" / "summary.yaml"
+    looks = 0
     while not summary.exists():
         assert time.monotonic() < deadline, "the pipeline did not finish under chaos"
-        time.sleep(rng.uniform(0.02, 0.3))
+        # Until the first kill, look often: it should land on a runner that holds a job.
+        time.sleep(0.005 if killed == 0 else rng.uniform(0.02, 0.3))
+        looks += 1
         live = [r for r in runners if r.poll() is None]
         holding = [r for r in live if r.pid in _holders(area)]
-        if killed < kills and live and (holding or killed > 0):
+        if killed < kills and live and (holding or killed > 0 or looks > FIRST_KILL_LOOKS):
             # The first kill and half of the others aim at a runner holding a job, so that
             # some surely land mid-job (and a lease must be recovered).
             aim = holding and (killed == 0 or rng.random() < 0.5)

@@ -46,15 +46,15 @@ TOY_JOBS_PER_DATASET = 1 + 6 + 3  # the dataset job, its tuning runs, its final 
 
 def queue(area: WorkArea, doc: dict[str, Any], name: str = "toy.yaml") -> Path:
     path = area.root / name
-    atomic_write(path, yaml.safe_dump(doc, sort_keys=False))  # runners may be watching
+    # Whole at once, and marked so (YAML's end marker): runners may be watching.
+    atomic_write(path, yaml.safe_dump(doc, sort_keys=False, explicit_end=True))
     return path
 
 
 def drain(area: WorkArea, **settings: Any) -> int:
     """Run one runner in this process until the area is drained."""
-    defaults: dict[str, Any] = {"lease_timeout": 5.0, "poll_interval": 0.05,
-                                "sweep_interval": 0.05, "idle_limit": 60.0, "progress": False,
-                                "reread_delay": 0.1}
+    defaults: dict[str, Any] = {"lease_timeout": 5.0, "settle_time": 0.0, "poll_interval": 0.05,
+                                "sweep_interval": 0.05, "idle_limit": 60.0, "progress": False}
     return Runner(area, RunnerSettings(**{**defaults, **settings}), "cpu", "test-runner").run()
 
 

@@ -3,8 +3,8 @@
 All files are queued into one work area together and drained by one runner: each broken one
 must land in crashed/ with an error naming its file and the key (or, when it cannot even be
 parsed, byte for byte with its error beside it); the good ones must finish; the runner must
-go on to the end and exit saying that jobs crashed. Bad ``--devices`` values (devices.yaml)
-must stop a runner before it creates or touches the work area.
+go on to the end and exit saying that jobs crashed. Bad runner options (runner_flags.yaml:
+devices, lease settings, counts) must stop a runner before it claims anything.
 """
 
 from __future__ import annotations
@@ -94,18 +94,18 @@ def test_each_input_has_its_expected_outcome(drained: tuple[WorkArea, int], name
     assert error["attempt"] == 1  # bad input is not retried
 
 
-DEVICES: list[dict[str, str]] = yaml.safe_load((CORPUS / "devices.yaml").read_text())
+FLAGS: list[dict[str, Any]] = yaml.safe_load((CORPUS / "runner_flags.yaml").read_text())
 
 
-@pytest.mark.parametrize("case", DEVICES, ids=[case["devices"] or "empty" for case in DEVICES])
-def test_bad_devices_stop_the_runner_before_it_touches_the_work_area(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str], case: dict[str, str]) -> None:
+@pytest.mark.parametrize("case", FLAGS, ids=[" ".join(case["args"]) for case in FLAGS])
+def test_bad_runner_options_stop_it_before_it_touches_the_work_area(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], case: dict[str, Any]) -> None:
     area = tmp_path / "work"
     try:
-        code = runner.main(["--work_area", str(area), "--devices", case["devices"]])
+        code = runner.main(["--work_area", str(area), "--devices", "cpu", *case["args"]])
     except SystemExit as exit_:  # argparse's usage error
         code = exit_.code
     assert code == 2
     err = capsys.readouterr().err
-    assert "--devices" in err and case["message"] in err
-    assert not area.exists()  # nothing created, nothing claimed
+    assert case["message"] in err
+    assert not (area / "running").exists()  # nothing claimed: no runner started

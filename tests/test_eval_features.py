@@ -9,6 +9,7 @@ import threading
 import time
 from pathlib import Path
 
+import filelock
 import pytest
 import torch
 
@@ -113,6 +114,43 @@ def test_concurrent_requests_compute_once(tmp_path: Path) -> None:
         thread.join()
     assert compute.calls == 1
     assert sorted(hits) == [False, True, True]
+
+
+def test_a_lock_holder_that_stopped_does_not_hang_the_others(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cache, compute = FeatureCache(tmp_path, patience=0.6), Counting()
+    key = cache.key(FIELDS)
+    (tmp_path / key[:2]).mkdir()
+    stopped = filelock.FileLock(tmp_path / key[:2] / f"{key}.lock")
+    stopped.acquire()  # held by a process that was stopped (SIGSTOP) while computing
+    (tmp_path / key[:2] / f"{key}.alive").write_text("node7 pid 4242\n")  # never touched again
+    caplog.set_level(logging.INFO, logger="vtab.evaluation.features")
+    started = time.monotonic()
+    try:
+        _, hit = cache.get_or_compute(FIELDS, compute)
+    finally:
+        stopped.release()
+    assert not hit and compute.calls == 1
+    assert time.monotonic() - started < 5  # not the hour a plain lock timeout would wait
+    assert "waiting for node7 pid 4242" in caplog.text
+    assert "node7 pid 4242 showed no sign of life" in caplog.text
+    assert cache.load(key) is not None
+
+
+def test_a_slow_holder_that_shows_life_is_waited_for(tmp_path: Path) -> None:
+    compute = Counting(delay=1.5)  # longer than the patience: only its sign of life holds it
+    hits: list[bool] = []
+
+    def ask() -> None:
+        hits.append(FeatureCache(tmp_path, patience=0.6).get_or_compute(FIELDS, compute)[1])
+
+    threads = [threading.Thread(target=ask) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+        time.sleep(0.1)
+    for thread in threads:
+        thread.join()
+    assert compute.calls == 1 and sorted(hits) == [False, True]
 
 
 def test_extraction_matches_a_direct_forward(digits_root: Path) -> None:

@@ -124,16 +124,19 @@ def test_lease_watcher_judges_by_its_own_observation(area: WorkArea) -> None:
     assert watcher.stale(area.folder(RUNNING), {claim.token}) == []  # never our own
 
 
+OWNER = {"pipeline": "p", "parent": "p"}
+
+
 def test_locate_and_create(area: WorkArea) -> None:
-    assert area.create("a", {"id": "a", "pipeline": "p"})
-    assert not area.create("a", {"id": "a", "pipeline": "p"})
+    assert area.create("a", {"id": "a", "pipeline": "p"}, OWNER)
+    assert not area.create("a", {"id": "a", "pipeline": "p"}, OWNER)  # a retried fork
     assert area.locate("a") == area.root / "a.yaml"
     claim = area.claim(area.root / "a.yaml")
     assert claim is not None
     assert area.locate("a") == claim.path
     area.move(claim, FINISHED)
     assert area.locate("a") == area.folder(FINISHED) / "a.yaml"
-    assert not area.create("a", {"id": "a", "pipeline": "p"})  # finished counts as existing
+    assert not area.create("a", {"id": "a", "pipeline": "p"}, OWNER)  # finished: existing
     jobs = area.summarized_jobs("p")
     jobs.mkdir(parents=True)
     os.replace(area.folder(FINISHED) / "a.yaml", jobs / "a.yaml")

@@ -20,7 +20,8 @@ def temp_path_for(path: Path) -> Path:
     return path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
 
 
-RENAME_EXCHANGE = 2  # a renameat2(2) flag (linux/fs.h)
+RENAME_NOREPLACE = 1  # renameat2(2) flags (linux/fs.h)
+RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 # "Not here": no such call (ENOSYS), a filesystem without the flag (EINVAL: NFS, Lustre, FUSE),
 # or a sandbox that forbids the call (EPERM; a real permission error resurfaces in the fallback).
@@ -61,6 +62,39 @@ def replace_existing(src: Path, dst: Path) -> None:
     if not dst.exists():
         raise FileNotFoundError(errno.ENOENT, "no such file to replace", str(dst))
     os.replace(src, dst)
+
+
+def rename_no_replace(src: Path, dst: Path) -> None:
+    """Rename `src` to `dst` unless `dst` exists (FileExistsError then).
+
+    Atomic with RENAME_NOREPLACE where the filesystem has it; elsewhere a hard link (which NFS
+    makes atomically, failing with EEXIST) and the removal of `src`.
+    """
+    if rename_with_flags(src, dst, RENAME_NOREPLACE):
+        return
+    os.link(src, dst)
+    os.unlink(src)
+
+
+def create_new(path: Path, data: bytes | str) -> bool:
+    """Write `path` whole unless it exists: True if this call created it, False if it was there.
+
+    The content goes to a temporary file first and is linked into place, so that a reader never
+    sees a part, and of two writers racing for one name exactly one wins (NFS included).
+    """
+    tmp = temp_path_for(path)
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data.encode("utf-8") if isinstance(data, str) else data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.link(tmp, path)
+    except FileExistsError:
+        return False
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+    return True
 
 
 def atomic_write(path: Path, data: bytes | str, *, durable: bool = True,

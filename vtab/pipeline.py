@@ -30,7 +30,7 @@ from vtab.provenance import environment, now_iso
 from vtab.registry import Registry
 from vtab.schema import Section
 from vtab.schema import validate as validate_schema
-from vtab.workarea import FINISHED, WorkArea, is_valid_id
+from vtab.workarea import FINISHED, WorkArea, checked_id, describe_owner, is_valid_id
 
 STAGE_KINDS = ("grid", "processor", "hyperparams")
 STAGE_KEYS = {
@@ -85,9 +85,10 @@ class StageContext:
     runner: str = ""
     host: str = field(default_factory=socket.gethostname)  # the runner's --host_id
     job: Mapping[str, Any] = field(default_factory=dict)  # the document being run
+    staging: Path | None = None  # where the job's outputs go while it runs (its claim's)
 
     def outputs_dir(self) -> Path:
-        return self.area.root / "outputs" / self.job["pipeline"] / self.job["id"]
+        return self.staging or self.area.outputs(self.job["pipeline"], self.job["id"])
 
     def features_cache(self) -> Path:
         return self.cache_dir or self.area.root / "cache" / "features"
@@ -193,10 +194,50 @@ def validate(doc: Mapping[str, Any]) -> None:
             _validate_stage(stages, name, spec)
         except ConfigError as exc:
             problems.append(exc)
+    problems += job_key_problems(doc)
     if not problems:  # a cycle can only be followed through stages that are whole
         _check_acyclic(stages)
     if problems:
         raise ConfigError.combine(problems)
+
+
+def job_key_problems(doc: Mapping[str, Any]) -> list[ConfigError]:
+    """The keys runners write into a job, checked like any other key when it is read: those
+    that name files (id, pipeline, parent, forks, waiting_for) must be job ids, so that no job
+    can lead a runner out of the work area; the others must have their types."""
+    problems = [ConfigError(key, f"is written by runners and must be a {kind.__name__} (got "
+                                 f"{type(doc[key]).__name__}); remove it from the pipeline")
+                for key, kind in BOOKKEEPING_TYPES.items()
+                if key in doc and (not isinstance(doc[key], kind) or isinstance(doc[key], bool))]
+    ids: list[tuple[str, object]] = [(k, doc[k]) for k in ("id", "pipeline") if k in doc]
+    if doc.get("parent") is not None:
+        ids.append(("parent", doc["parent"]))
+    forks = doc.get("forks", {})
+    if not isinstance(forks, Mapping):
+        problems.append(ConfigError("forks", "must be a mapping of stage names to job ids"))
+        forks = {}
+    for stage, children in forks.items():
+        ids += _id_list(f"forks.{stage}", children, problems)
+    waiting = doc.get("waiting_for")
+    if waiting is not None:
+        if not isinstance(waiting, Mapping) or not isinstance(waiting.get("stage"), str):
+            problems.append(ConfigError("waiting_for", "must be a mapping with a stage and "
+                                                       "its children"))
+        else:
+            ids += _id_list("waiting_for.children", waiting.get("children"), problems)
+    for key, value in ids:
+        try:
+            checked_id(value, key)
+        except ConfigError as exc:
+            problems.append(exc)
+    return problems
+
+
+def _id_list(key: str, value: object, problems: list[ConfigError]) -> list[tuple[str, object]]:
+    if not isinstance(value, list):
+        problems.append(ConfigError(key, "must be a list of job ids"))
+        return []
+    return [(f"{key}[{index}]", item) for index, item in enumerate(value)]
 
 
 def _validate_stage(stages: Mapping[str, Any], name: str, spec: Any) -> None:
@@ -310,11 +351,11 @@ def prepare_root(doc: dict[str, Any], file_stem: str) -> dict[str, Any]:
                                  f"{', '.join(sorted(ROOT_KEYS))})")
                 for key in sorted(set(doc) - ROOT_KEYS - BOOKKEEPING_KEYS, key=str)]
     name = doc.get("name", file_stem)
-    if not isinstance(name, str) or not is_valid_id(name):
+    bad_name = not is_valid_id(name)
+    if bad_name:
         problems.append(ConfigError("name", f"{name!r} cannot name a pipeline: use letters, "
                                             "digits and ._=+,- (no '/', '..' or '@'), at most "
                                             "200 characters"))
-    problems += _bookkeeping_problems(doc)
     used: dict[str, str] = {}
     resolved = resolve_env({"config": doc.get("config", {}), "stages": doc.get("stages")},
                            used=used)
@@ -325,18 +366,11 @@ def prepare_root(doc: dict[str, Any], file_stem: str) -> dict[str, Any]:
             **{k: v for k, v in doc.items() if k in BOOKKEEPING_KEYS}}
     try:
         validate(root)
-    except ConfigError as exc:
-        problems.append(exc)
+    except ConfigError as exc:  # an invalid name is said once, as the name's problem
+        problems += [p for p in exc.problems if not (bad_name and p.key in ("id", "pipeline"))]
     if problems:
         raise ConfigError.combine(problems)
     return root
-
-
-def _bookkeeping_problems(doc: Mapping[str, Any]) -> list[ConfigError]:
-    return [ConfigError(key, f"is written by runners and must be a {kind.__name__} "
-                             f"(got {type(doc[key]).__name__}); remove it from the pipeline")
-            for key, kind in BOOKKEEPING_TYPES.items()
-            if key in doc and (not isinstance(doc[key], kind) or isinstance(doc[key], bool))]
 
 
 def expand_grid(grid: Mapping[str, Any], key: str, limit: int) -> list[dict[str, Any]]:
@@ -448,8 +482,15 @@ def _fork(doc: dict[str, Any], stage: str, ctx: StageContext) -> Outcome:
         if stage_kind(child["stages"], child["current_stage"]) == "hyperparams":
             report.add(child["id"], inspect_run(child, child["current_stage"], deep=True))
     report.raise_errors("checked before the children were queued")
+    owner = {"pipeline": doc["pipeline"], "parent": doc["id"]}
+    for child in children:  # every id is free, or this job's from a fork it retries
+        held = ctx.area.owner_of(child["id"])
+        if held not in (None, owner):
+            raise ConfigError(f"stages.{stage}.grid", f"would fork {child['id']!r}, which already "
+                                                      f"names {describe_owner(held)} in this "
+                                                      "work area; nothing was forked")
     for child in children:
-        ctx.area.create(child["id"], child)  # idempotent: a retried fork skips existing children
+        ctx.area.create(child["id"], child, owner)  # a retried fork skips existing children
     ids = [c["id"] for c in children]
     doc.setdefault("forks", {})[stage] = ids
     doc["waiting_for"] = {"stage": stage, "children": ids}

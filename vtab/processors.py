@@ -162,6 +162,9 @@ def _one_per_key(doc: Mapping[str, Any], what: str, hint: str,
     out: dict[Any, Any] = {}
     owners: dict[Any, str] = {}
     for key, child_id, value in entries:
+        if not isinstance(key, str | int | float | bool):
+            raise ConfigError(_where(doc), f"the child {child_id} has a {type(key).__name__} as "
+                                           f"its {what}: a {what} must be a single value")
         if key in owners:
             raise ConfigError(_where(doc), f"the children {owners[key]} and {child_id} have the "
                                            f"same {what} {key!r}: {hint}")

@@ -129,7 +129,7 @@ def _is_pipeline_folder(folder: Path, pattern: str | None) -> bool:
 def read_summary(path: Path) -> PipelineResult:
     """Read one summary; raises `VtabError` naming the file (and the key when a key is wrong)."""
     try:
-        return _parse_summary(load_mapping(path), path.parent.name)
+        return _parse_summary(load_mapping(path, follow_link=True), path.parent.name)
     except ConfigError as exc:
         raise exc.in_file(str(path)) from None
 

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
+import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -19,7 +22,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType
@@ -49,18 +52,22 @@ from vtab.pipeline import (
     prepare_root,
     validate,
 )
+from vtab.schema import validate as validate_schema
 from vtab.workarea import (
     CRASHED,
     FINISHED,
     RUNNING,
     SUFFIX,
     WAITING,
+    AreaSettings,
     Claim,
     LeaseLost,
     LeaseWatcher,
     StorageError,
     WorkArea,
+    describe_owner,
     is_valid_id,
+    is_whole,
 )
 
 log = logging.getLogger("vtab.runner")
@@ -72,6 +79,15 @@ BLOCKED_EXIT = 3  # drained, but jobs are left in waiting/ on crashed or missing
 CRASHED_EXIT = 4  # drained, but jobs this runner worked on crashed and are still in crashed/
 
 
+class NotSettled(Exception):
+    """A queued file that may still be being written: it goes back untouched, for later."""
+
+    def __init__(self, seconds: float, written_ago: float | None) -> None:
+        super().__init__(f"may still be being written; looked at again in {seconds:.1f} s")
+        self.seconds = seconds
+        self.written_ago = written_ago
+
+
 class StopRequested(BaseException):
     """Raised in the main thread by a stop signal while a job body runs.
 
@@ -81,7 +97,9 @@ class StopRequested(BaseException):
 
 @dataclass
 class RunnerSettings:
-    lease_timeout: float = 60.0
+    # The work area's own (meta/settings.yaml) when None; a value given must agree with it.
+    lease_timeout: float | None = None
+    settle_time: float | None = None
     poll_interval: float = 0.5
     sweep_interval: float = 1.0
     max_attempts: int = 3
@@ -93,13 +111,12 @@ class RunnerSettings:
     progress: bool = True
     storage_backoff: float = 5.0  # seconds to wait after a failed write, doubled each time
     storage_failures: int = 5  # consecutive failed writes after which the runner stops
-    reread_delay: float = 1.0  # a queued file that fails to read or check is read again after
-    # this long, in case a `cp` was still writing it
     host: str = field(default_factory=socket.gethostname)
 
-    @property
-    def heartbeat_interval(self) -> float:
-        return self.lease_timeout / 6
+    def area_settings(self) -> dict[str, float]:
+        """The settings this runner asks of the work area (those given)."""
+        wanted = {"lease_timeout": self.lease_timeout, "settle_time": self.settle_time}
+        return {key: value for key, value in wanted.items() if value is not None}
 
 
 class Heartbeat(threading.Thread):
@@ -156,14 +173,24 @@ class Runner:
                                 num_workers=settings.num_workers, progress=settings.progress,
                                 max_grid_points=settings.max_grid_points, runner=self.id,
                                 host=settings.host)
-        self.watcher = LeaseWatcher(settings.lease_timeout)
-        self.heartbeat = Heartbeat(area, settings.heartbeat_interval)
         self.stop_signal: int | None = None
         self.broken: str | None = None  # why this runner cannot run jobs at all
-        self.crashed: dict[str, tuple[str, str]] = {}  # job id -> (pipeline, first error line)
+        try:
+            self.protocol = area.settings(settings.area_settings())  # ConfigError if they differ
+        except StorageError as exc:  # a full disk, say: run() stops at once and says why
+            self.protocol = AreaSettings(**settings.area_settings())
+            self.broken = f"the work area's settings cannot be written: {exc}"
+        self.watcher = LeaseWatcher(self.protocol.lease_timeout)
+        self.heartbeat = Heartbeat(area, self.protocol.lease_timeout / 6)
+        self.crashed: dict[Path, tuple[str, str]] = {}  # crash record -> (pipeline, first error)
         self._storage_failures = 0
         self._interruptible = False
         self._last_sweep = 0.0
+        self._strays_seen: set[str] = set()
+        self._later: dict[str, float] = {}  # queued names left alone until then (monotonic)
+        self._watched: dict[str, tuple[float, Any]] = {}  # unsettled files: since, (size, ino)
+        # Parents that were not waiting when a child of theirs finished: looked for at the end.
+        self._parents: dict[str, tuple[str, Any]] = {}
         self.jobs_done = 0
         self.claims = 0
 
@@ -193,7 +220,7 @@ class Runner:
                 continue
             quiet_checks = quiet_checks + 1 if self._drained() else 0
             if quiet_checks >= 2:  # twice in a row, so a job in flight between folders is seen
-                if self._report_blocked():
+                if self._report_blocked() + self._report_orphans():
                     return self._exit_code(blocked=True)
                 log.info("work area drained after %d jobs of this runner: nothing queued, "
                          "running or waiting; exiting", self.jobs_done)
@@ -220,11 +247,10 @@ class Runner:
 
     def _report_crashed(self) -> bool:
         """Name the pipelines whose jobs this runner crashed (those still in crashed/)."""
-        still = {job_id: entry for job_id, entry in self.crashed.items()
-                 if (self.area.folder(CRASHED) / (job_id + SUFFIX)).exists()}
+        still = {path: entry for path, entry in self.crashed.items() if path.exists()}
         by_pipeline: dict[str, list[tuple[str, str]]] = {}
-        for job_id, (pipeline, error) in still.items():
-            by_pipeline.setdefault(pipeline, []).append((job_id, error))
+        for path, (pipeline, error) in still.items():
+            by_pipeline.setdefault(pipeline, []).append((path.stem, error))
         for pipeline, jobs in sorted(by_pipeline.items()):
             first_id, first_error = jobs[0]
             log.error("pipeline %s: %d job(s) crashed; the first, %s: %s", pipeline, len(jobs),
@@ -240,22 +266,26 @@ class Runner:
         moved = False
         if time.monotonic() - self._last_sweep >= self.settings.sweep_interval:
             moved = self.sweep()
+        now = time.monotonic()
+        later = {name for name, when in self._later.items() if when > now}
         try:
-            claim = self.area.claim_next() if self.stop_signal is None else None
+            claim = self.area.claim_next(later) if self.stop_signal is None else None
         except StorageError as exc:
             self._storage_trouble(None, exc)
             return False
         if claim is None:
             return moved
-        self.claims += 1
-        self.process(claim)
-        return True
+        if self.process(claim):
+            self.claims += 1
+            return True
+        return moved
 
     def sweep(self) -> bool:
         """Return stale claims to the queue and release waiting jobs whose children are done."""
         self._last_sweep = time.monotonic()
         moved = False
         try:
+            self._warn_about_strays()
             for stale in self.watcher.stale(self.area.folder(RUNNING), self.heartbeat.tokens()):
                 moved |= self.recover(stale)
             for path in self.area.listing(WAITING):
@@ -263,6 +293,14 @@ class Runner:
         except StorageError as exc:  # a claim taken here stays in running/ until its lease ends
             self._storage_trouble(None, exc)
         return moved
+
+    def _warn_about_strays(self) -> None:
+        """Say once what is queued under a job's name but is not one (a link, a FIFO, a name
+        that is not a job id): it is left alone, and would otherwise wait there unexplained."""
+        for name, why in self.area.strays():
+            if name not in self._strays_seen:
+                self._strays_seen.add(name)
+                log.warning("%s in the work area is not a job and is left alone: %s", name, why)
 
     def _drained(self) -> bool:
         return not self.area.queued() and not self.area.listing(RUNNING) and not self.sweep()
@@ -289,6 +327,16 @@ class Runner:
                       "jobs; exiting with code %d", len(blocked), BLOCKED_EXIT)
         return len(blocked)
 
+    def _report_orphans(self) -> int:
+        """Name the parents of jobs this runner finished that are nowhere in the work area (their
+        files were deleted or moved by hand): their pipelines cannot go on."""
+        missing = {parent: child for parent, (child, pipeline) in self._parents.items()
+                   if self.area.locate(parent, pipeline) is None}
+        for parent, child in sorted(missing.items()):
+            log.error("%s finished, but its parent %s is nowhere in the work area (deleted or "
+                      "moved by hand?): its pipeline cannot go on", child, parent)
+        return len(missing)
+
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         self.stop_signal = signum
         if self._interruptible:
@@ -297,11 +345,12 @@ class Runner:
 
     # -- one job -------------------------------------------------------------------------------
 
-    def process(self, claim: Claim) -> None:
-        """Drive a claimed job as far as it goes; never let it kill the runner."""
+    def process(self, claim: Claim) -> bool:
+        """Drive a claimed job as far as it goes; never let it kill the runner. False if the
+        job was put back untouched, to be looked at later (a file still being written)."""
         with self._holding(claim):
             try:
-                self._drive(claim)
+                handled = self._drive(claim)
             except StorageError as exc:
                 self._storage_trouble(claim, exc)
             except Exception as exc:  # the job's error could not be recorded in its yaml
@@ -309,13 +358,18 @@ class Runner:
                 self._crash_unreadable(claim, exc)
             else:
                 self._storage_failures = 0
+                return handled
+        return True
 
-    def _drive(self, claim: Claim) -> None:
+    def _drive(self, claim: Claim) -> bool:
         doc: dict[str, Any] | None = None
         try:
             doc = self._open(claim)
             if doc is not None:
                 self._run_stages(claim, doc)
+        except NotSettled as exc:
+            self._not_yet(claim, exc)
+            return False
         except StopRequested:
             self._give_back(claim, doc)
         except RunnerEnvironmentError as exc:
@@ -329,6 +383,20 @@ class Runner:
             raise  # not the job's fault: the caller keeps the job and backs off
         except Exception as exc:
             self._retry_or_crash(claim, doc, exc)
+        return True
+
+    def _not_yet(self, claim: Claim, exc: NotSettled) -> None:
+        """Put a file that may still be being written back as it was, and leave it alone for a
+        while (other runners judge it alike)."""
+        name = claim.job_id + SUFFIX
+        with contextlib.suppress(LeaseLost):
+            self.area.put_back(claim)
+        if name not in self._later:
+            ago = "" if exc.written_ago is None else f" ({exc.written_ago:.1f} s since written)"
+            log.info("%s%s does not end with '...' and may still be being written (a copy in "
+                     "progress): it runs once it has been left alone for %g s (settle_time)",
+                     name, ago, self.protocol.settle_time)
+        self._later[name] = time.monotonic() + exc.seconds
 
     @contextlib.contextmanager
     def _holding(self, claim: Claim) -> Iterator[None]:
@@ -341,6 +409,7 @@ class Runner:
 
     def _lost(self, claim: Claim, doc: dict[str, Any] | None) -> None:
         """The claim file is gone: taken over by another runner, or deleted by hand."""
+        self.area.discard_outputs(claim.path)
         if doc is None:
             log.warning("%s: its file vanished before this runner read it (taken over by another "
                         "runner or deleted by hand); nothing to keep", claim.job_id)
@@ -353,8 +422,7 @@ class Runner:
             VtabError(f"the job's file {claim.path} was deleted while this runner held it; "
                       "its last state is kept here"), claim, doc)
         doc.pop("lease", None)
-        yamlio.write_mapping(self.area.folder(CRASHED) / (job_id + SUFFIX), doc)
-        self._note_crash(job_id, doc.get("pipeline"), doc["error"])
+        self._note_crash(self.area.keep_crashed(job_id, doc), doc.get("pipeline"), doc["error"])
         log.error("%s: its file was deleted while running; saved to crashed/", job_id)
 
     def _storage_trouble(self, claim: Claim | None, exc: StorageError) -> None:
@@ -383,14 +451,9 @@ class Runner:
         while self.stop_signal is None and (left := deadline - time.monotonic()) > 0:
             time.sleep(min(left, 0.1))
 
-    def _open(self, claim: Claim) -> dict[str, Any] | None:
-        """Read and check a claimed job, count the attempt; None if it was crashed."""
-        try:
-            doc = self._read_checked(claim)
-        except VtabError:
-            doc = self._read_again(claim)
-            if doc is None:
-                return None
+    def _open(self, claim: Claim) -> dict[str, Any]:
+        """Read and check a claimed job, count the attempt."""
+        doc = self._read_checked(claim)
         if "error" in doc:  # moved back from crashed/ by hand: a fresh series of attempts
             doc.setdefault("previous_errors", []).append(doc.pop("error"))
             doc["attempts"] = 0
@@ -405,42 +468,71 @@ class Runner:
         return doc
 
     def _read_checked(self, claim: Claim) -> dict[str, Any]:
-        doc = self.area.read(claim)
+        raw = self.area.read_bytes(claim)
+        if not is_whole(raw):  # not written by a runner, nor ended by hand: cp may be writing
+            self._check_settled(claim)
+        doc = yamlio.parse_mapping(raw, str(claim.path))
         if "id" not in doc:
             doc = prepare_root(doc, claim.job_id)
-            self._check_name_is_free(claim, doc)
-            # Every job the pipeline will run, against its kind's schema, before any fork.
+            # Every job the pipeline will run, against its kind's schema, before any fork,
+            # and before its name is taken: a pipeline refused here can be fixed and queued.
             check_plan(doc, self.settings.max_grid_points, deep=False).raise_errors(
                 "checked when the pipeline was first claimed, before anything was forked")
+            self._check_name_is_free(claim, doc)
             return doc
-        if not is_valid_id(doc["id"]):
-            raise ConfigError("id", f"{doc['id']!r} is not a valid job id (it must be a plain "
-                                    "file name: no '/', '..' or '@')")
-        validate(doc)
+        validate(doc)  # its ids too: no key of a job leads out of the work area
         return doc
 
-    def _read_again(self, claim: Claim) -> dict[str, Any] | None:
-        """A file queued with `cp` can be claimed before it is whole, and the copy goes on into
-        the renamed file: before calling a job broken, wait a moment and read it once more.
-        None if it was unreadable again (then it is crashed); other errors are raised."""
-        self._pause(self.settings.reread_delay)
-        if self.stop_signal is not None:
-            raise StopRequested
-        try:
-            doc = self._read_checked(claim)
-        except yamlio.YamlFileError as exc:
-            self._crash_unreadable(claim, exc)
-            return None
-        log.info("%s: still being written when claimed (queued with cp?); read again",
-                 claim.job_id)
-        return doc
+    def _check_settled(self, claim: Claim) -> None:
+        """Raise NotSettled unless the file has been left alone for settle_time: by the
+        filesystem's clock (last write to the claim), or else as watched on this runner's
+        clock (size and inode unchanged), for filesystems whose renames keep the change time."""
+        settle = self.protocol.settle_time
+        ago = self.area.written_ago(claim)
+        if settle == 0 or (ago is not None and ago >= settle):
+            return
+        now = time.monotonic()
+        seen = (claim.found.st_size, claim.found.st_ino) if claim.found else None
+        since, before = self._watched.get(claim.job_id, (now, seen))
+        if before != seen:
+            since = now
+        self._watched[claim.job_id] = (since, seen)
+        left = min(settle - (ago or 0.0), settle - (now - since))
+        if left > 0:
+            raise NotSettled(left, ago)
+        del self._watched[claim.job_id]
 
     def _check_name_is_free(self, claim: Claim, root: dict[str, Any]) -> None:
-        """A new pipeline may reuse a name only to re-run the same, finished pipeline.
+        """A pipeline's name is its root's id, reserved for it for the life of the work area.
 
-        Job ids derive from the name, so two different pipelines (or two copies in flight)
-        under one name would overwrite each other's jobs.
+        It can be queued again only unchanged and once it is finished: to re-run it, which
+        computes nothing that is there already. The reservation is made by one atomic step, so
+        of two pipelines queued at once under one name exactly one is taken.
         """
+        name = root["id"]
+        stat = claim.path.stat()  # the queued file's inode, the same until its first rewrite
+        owner = {"pipeline": name, "fingerprint": _fingerprint(root),
+                 "instance": f"{stat.st_dev}:{stat.st_ino}"}
+        held = self.area.reserve(name, owner)
+        if held is None:
+            self._check_older_files(claim, root)  # jobs of an area older than reservations
+            return
+        if held == owner:
+            return  # this very file, claimed again after a runner died before rewriting it
+        where = next((p for p in self.area.places(name, name) if p != claim.path), None)
+        seen = f" ({where.relative_to(self.area.root)})" if where else ""
+        if held.get("fingerprint") != owner["fingerprint"]:
+            other = describe_owner(held) if "fingerprint" not in held else "another pipeline"
+            raise ConfigError("name", f"{name!r} already names {other} in this work area"
+                                      f"{seen}; a name names one pipeline for the life of the "
+                                      "area: give this one another name")
+        if self.area.done_path(name, name) is None:
+            raise ConfigError("name", f"{name!r} names this same pipeline, queued before and not "
+                                      f"finished{seen or ' (another copy is being started)'}; "
+                                      "to retry a crashed one, move its file back from crashed/")
+
+    def _check_older_files(self, claim: Claim, root: dict[str, Any]) -> None:
+        """Files with this id from before reservations existed: the same rule, by content."""
         for other in self.area.places(root["id"], root["pipeline"]):
             if other == claim.path:
                 continue
@@ -460,7 +552,7 @@ class Runner:
         if "finished_in" in doc or "waiting_for" in doc:
             self._place(claim, doc)  # settled by a runner that died before moving it
             return
-        ctx = replace(self.ctx, job=doc)
+        ctx = replace(self.ctx, job=doc, staging=self.area.staging(claim))
         while True:
             stage = doc["current_stage"]
             started, started_at = time.monotonic(), provenance.now_iso()
@@ -494,6 +586,7 @@ class Runner:
             doc["finished_at"] = provenance.now_iso()
             doc["finished_in"] = outcome.folder
         self.area.write(claim, doc)
+        self.area.publish_outputs(claim, doc["pipeline"], doc["id"])  # still ours: just written
         self._place(claim, doc)
 
     def _place(self, claim: Claim, doc: dict[str, Any]) -> None:
@@ -511,16 +604,18 @@ class Runner:
         self.jobs_done += 1
         result = f" result={doc['result']:.4f}" if isinstance(doc.get("result"), float) else ""
         log.info("%s: finished%s", doc["id"], result)
-        if doc.get("parent"):
-            self.try_release(doc["parent"])
+        if doc.get("parent") and not self.try_release(doc["parent"]):
+            self._parents[doc["parent"]] = (doc["id"], doc.get("pipeline"))
 
-    def try_release(self, job_id: str) -> bool:
+    def try_release(self, job_id: object) -> bool:
         """If `job_id` waits and all its children are finished, move it on (exactly once).
 
         Releasing is a claim from waiting/: only one runner can win it, and the
         children are checked again under the claim.
         """
-        path = self.area.folder(WAITING) / (job_id + SUFFIX)
+        if not is_valid_id(job_id):  # a parent key that names no job file: nothing to release
+            return False
+        path = self.area.folder(WAITING) / (f"{job_id}{SUFFIX}")
         try:
             if missing_children(yamlio.load_mapping(path), self.area):
                 return False
@@ -560,6 +655,7 @@ class Runner:
         claim = self.area.claim(stale)
         if claim is None:
             return False
+        self.area.discard_outputs(stale)  # what the dead runner staged
         with self._holding(claim):
             return self._requeue_lost(claim)
 
@@ -570,7 +666,7 @@ class Runner:
             doc.setdefault("errors", []).append({
                 "type": "LeaseExpired", "at": provenance.now_iso(), "detected_by": self.id,
                 "message": f"runner {lease.get('runner', 'unknown')} stopped heartbeating for "
-                           f"{self.settings.lease_timeout:.0f} s",
+                           f"{self.protocol.lease_timeout:g} s",
                 "stage": doc.get("current_stage"), "attempt": doc.get("attempts")})
             self.area.write(claim, doc)
             self.area.requeue(claim, doc.get("id", claim.job_id))
@@ -617,18 +713,17 @@ class Runner:
         log.info("%s: returned to the queue (this runner stops)", claim.job_id)
 
     def _write_and_move(self, claim: Claim, doc: dict[str, Any] | None, folder: Path,
-                        job_id: str | None = None) -> None:
-        """Write `doc` (when there is one) without its lease, then move the claim to `folder`.
-
-        A lost lease means another runner holds the job now: nothing is left to do here.
-        """
+                        job_id: str | None = None) -> Path | None:
+        """Write `doc` (when there is one) without its lease, then move the claim to `folder`;
+        where it went, or None when the lease was lost (another runner holds the job now)."""
+        self.area.discard_outputs(claim.path)  # a job that did not finish publishes nothing
         try:
             if doc is not None:
                 doc.pop("lease", None)
                 self.area.write(claim, doc)
-            self.area.move(claim, folder, job_id or (doc or {}).get("id"))
+            return self.area.move(claim, folder, job_id or (doc or {}).get("id"))
         except LeaseLost:
-            pass
+            return None
 
     def _error_record(self, exc: BaseException, claim: Claim,
                       doc: dict[str, Any] | None) -> dict[str, Any]:
@@ -667,13 +762,15 @@ class Runner:
             doc["error"]["note"] = note
         log.error("%s crashed: %s", claim.job_id, doc["error"]["message"])
         job_id = doc["id"] if is_valid_id(doc.get("id")) else claim.job_id
-        self._note_crash(job_id, doc.get("pipeline"), doc["error"])
-        self._write_and_move(claim, doc, self.area.folder(CRASHED), job_id)
+        target = self._write_and_move(claim, doc, self.area.folder(CRASHED), job_id)
+        if target is not None:
+            self._note_crash(target, doc.get("pipeline"), doc["error"])
 
-    def _note_crash(self, job_id: str, pipeline: object, error: dict[str, Any]) -> None:
+    def _note_crash(self, path: Path, pipeline: object, error: dict[str, Any]) -> None:
+        """Remember a crash record this runner made, for its exit code and last words."""
         first_line = (str(error.get("message")).splitlines() or [""])[0]
-        self.crashed[job_id] = (pipeline if isinstance(pipeline, str) else job_id,
-                                f"{error.get('type')}: {first_line}")
+        self.crashed[path] = (pipeline if isinstance(pipeline, str) else path.stem,
+                              f"{error.get('type')}: {first_line}")
 
     def _crash_unreadable(self, claim: Claim, exc: BaseException) -> None:
         """Keep the file byte for byte; its error goes beside it in ``<id>.error.txt``."""
@@ -686,11 +783,18 @@ class Runner:
         except (LeaseLost, OSError):
             log.exception("%s: could not move it to crashed/", claim.job_id)
             return
-        self._note_crash(claim.job_id, None, report["error"])
+        self._note_crash(target, None, report["error"])
         log.error("%s crashed: %s", claim.job_id, exc)
 
 
 # -- command line --------------------------------------------------------------------------
+
+
+def _fingerprint(root: Mapping[str, Any]) -> str:
+    """What makes two pipelines the same: their stages and config, as expanded."""
+    content = json.dumps({k: root.get(k) for k in ("current_stage", "config", "stages")},
+                         sort_keys=True, default=str)
+    return hashlib.sha256(content.encode("utf-8")).hexdigest()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -708,23 +812,30 @@ def build_parser() -> argparse.ArgumentParser:
                         help="comma-separated devices, one runner each: GPU indices (0,1,3) or "
                              "'cpu', which may repeat (cpu,cpu); checked before anything is "
                              "claimed; default: 0 with CUDA, else cpu")
-    parser.add_argument("--num_workers", type=int, default=0,
+    parser.add_argument("--num_workers", type=_count(0), default=0,
                         help="data loading worker processes per runner (default: 0)")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=_count(1), default=None,
                         help="CPU threads per runner (default: cores / number of CPU runners)")
-    parser.add_argument("--idle_limit", type=float, default=None,
+    parser.add_argument("--idle_limit", type=_seconds, default=None,
                         help="exit after this many seconds without work (default: run until the "
                              "work area is drained)")
-    parser.add_argument("--max_jobs", type=int, default=None,
+    parser.add_argument("--max_jobs", type=_count(1), default=None,
                         help="exit after handling this many jobs (default: no limit)")
-    parser.add_argument("--lease_timeout", type=float, default=RunnerSettings.lease_timeout,
+    parser.add_argument("--lease_timeout", type=float, default=None,
                         help="seconds without a heartbeat after which a claimed job is taken "
-                             "back (default: %(default)s)")
-    parser.add_argument("--max_attempts", type=int, default=RunnerSettings.max_attempts,
+                             "back; a setting of the work area (meta/settings.yaml), written by "
+                             "its first runner (default 60), which every later runner must "
+                             "agree with")
+    parser.add_argument("--settle_time", type=float, default=None,
+                        help="seconds a queued file that does not end with the YAML end marker "
+                             "'...' must be left unchanged before it runs (a copy may still be "
+                             "writing it); a setting of the work area like --lease_timeout "
+                             "(default 5)")
+    parser.add_argument("--max_attempts", type=_count(1), default=RunnerSettings.max_attempts,
                         help="attempts per stage before a job is crashed (default: %(default)s)")
-    parser.add_argument("--poll_interval", type=float, default=RunnerSettings.poll_interval,
+    parser.add_argument("--poll_interval", type=_seconds, default=RunnerSettings.poll_interval,
                         help="seconds between looks at an empty queue (default: %(default)s)")
-    parser.add_argument("--max_grid_points", type=int, default=DEFAULT_MAX_GRID_POINTS,
+    parser.add_argument("--max_grid_points", type=_count(1), default=DEFAULT_MAX_GRID_POINTS,
                         help="refuse grids larger than this (default: %(default)s)")
     parser.add_argument("--cache_dir", type=Path, default=None,
                         help="feature cache folder (default: <work_area>/cache/features)")
@@ -736,8 +847,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _count(least: int) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least `least`."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be at least {least}, got {value}")
+        return value
+
+    return parse
+
+
+def _seconds(text: str) -> float:
+    """An argparse type: a finite, non-negative number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds >= 0, got {text}")
+    return value
+
+
 def settings_from(args: argparse.Namespace) -> RunnerSettings:
-    return RunnerSettings(lease_timeout=args.lease_timeout, max_attempts=args.max_attempts,
+    return RunnerSettings(lease_timeout=args.lease_timeout, settle_time=args.settle_time,
+                          max_attempts=args.max_attempts,
                           idle_limit=args.idle_limit, max_jobs=args.max_jobs,
                           num_workers=args.num_workers,
                           cache_dir=args.cache_dir, max_grid_points=args.max_grid_points,
@@ -832,7 +969,15 @@ def main(argv: list[str] | None = None) -> int:
             print("main_runner: nothing was claimed; the work area is untouched",
                   file=sys.stderr)
             return CANNOT_RUN_EXIT
-    args.work_area.mkdir(parents=True, exist_ok=True)
+    try:  # the area and its settings, before any runner starts (and claims anything)
+        wanted = settings_from(args).area_settings()
+        validate_schema(AreaSettings, wanted)  # bad values, before the area is touched
+        WorkArea(args.work_area).settings(wanted)
+    except (ConfigError, StorageError) as exc:
+        key = getattr(exc, "key", None)
+        print(f"main_runner: {'--' + key + ': ' if key else ''}"
+              f"{getattr(exc, 'message', exc)}", file=sys.stderr)
+        return CANNOT_RUN_EXIT
     if len(devices) == 1:
         return run_one(args, devices[0])
     return supervise(args, _without_devices(argv), devices)

@@ -78,6 +78,14 @@ def _not_jobs(folder: Path) -> list[str]:
                       and not e.name.endswith(SUFFIX) and e.is_file())
 
 
+def _stray_lines(area: WorkArea, folder: str) -> Iterator[str]:
+    """What is named like a job in `folder` but is not one; runners leave it alone."""
+    strays = area.strays(folder)
+    if strays:
+        yield f"    not jobs, left alone by runners ({len(strays)}):"
+        yield from _capped([f"      {name}: {why}" for name, why in strays])
+
+
 def status_lines(area: WorkArea) -> Iterator[str]:
     now = time.time()
     queued = area.queued()
@@ -90,13 +98,18 @@ def status_lines(area: WorkArea) -> Iterator[str]:
     ignored = _not_jobs(area.root)
     if ignored:
         yield f"    not queued (only *.yaml files are jobs): {', '.join(ignored[:SHOWN])}"
+    yield from _stray_lines(area, "")
     yield f"  running:  {len(running)}"
     yield from _capped([_running_line(p, now) for p in sorted(running)])
+    yield from _stray_lines(area, RUNNING)
     yield f"  waiting:  {len(waiting)}"
     yield from _capped([_waiting_line(area, p) for p in sorted(waiting)])
+    yield from _stray_lines(area, WAITING)
     yield f"  finished: {len(area.listing(FINISHED))}"
+    yield from _stray_lines(area, FINISHED)
     yield f"  crashed:  {len(crashed)}"
     yield from _capped([_crashed_line(p) for p in sorted(crashed)])
+    yield from _stray_lines(area, CRASHED)
     unreadable = [p for p in area.folder(CRASHED).glob("*.error.txt")  # still there, not retried
                   if p.with_name(p.name.removesuffix(".error.txt") + SUFFIX).exists()]
     if unreadable:
@@ -136,7 +149,7 @@ def plan(path: Path, limit: int) -> int:
     """Print what the pipeline at `path` expands to and check every job it would run: its
     config against its kind's schema, its data, backbone and weights. 1 if anything is wrong."""
     try:
-        root = prepare_root(yamlio.load_mapping(path), path.stem)
+        root = prepare_root(yamlio.load_mapping(path, follow_link=True), path.stem)
         report = check_plan(root, limit, deep=True)
     except (OSError, VtabError, RunnerEnvironmentError) as exc:
         message = str(exc)

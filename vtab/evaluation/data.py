@@ -1,7 +1,10 @@
 """VTAB-1K folder datasets: ``<root>/<dataset>/<split>.txt`` with ``<image path> <label>`` lines.
 
 Image paths are relative to ``<root>/<dataset>/``. Split files are parsed strictly, so a typo
-surfaces as an error naming the file and line instead of as a silently smaller dataset.
+surfaces as an error naming the file and line instead of as a silently smaller dataset. A job
+chooses the folder it reads, so what it can make a runner read is bounded: image paths must stay
+inside the dataset folder (also once links are followed), images may not decode to more than
+`MAX_IMAGE_PIXELS`, split files may not be larger than `MAX_SPLIT_FILE_BYTES`.
 """
 
 from __future__ import annotations
@@ -9,12 +12,15 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-from collections.abc import Callable, Iterable, Sequence
+import os
+import stat
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 
 from vtab.errors import ConfigError, DataError, VtabError
@@ -22,27 +28,81 @@ from vtab.errors import ConfigError, DataError, VtabError
 SPLITS: tuple[str, ...] = ("train800", "val200", "train800val200", "test")
 # Line counts fixed by the VTAB-1K protocol; test sizes differ per dataset.
 EXPECTED_SIZES: dict[str, int] = {"train800": 800, "val200": 200, "train800val200": 1000}
+# Pillow's own default bound (its DecompressionBombWarning): 256 MiB once decoded as RGB, a
+# 9459 x 9459 image. VTAB's images are a few hundred pixels a side and a 48-megapixel camera's
+# photos fit; a small file that claims more is a decompression bomb.
+MAX_IMAGE_PIXELS = 89_478_485
+# About five million lines of the usual length: far above any benchmark's test split.
+MAX_SPLIT_FILE_BYTES = 256 * 2**20
 
 
 def parse_split_text(text: str, source: Path) -> list[tuple[str, int]]:
-    """Parse split file content; `source` only names the file in errors. Blank lines are skipped."""
+    """Parse split file content; `source` only names the file in errors. Blank lines are skipped.
+
+    Errors name the line but never quote it: a job chooses which file is read (its data root),
+    and its crash record must not carry another file's content back to it.
+    """
     entries = []
     for number, line in enumerate(text.splitlines(), start=1):
         fields = line.split()
         if not fields:
             continue
         if len(fields) != 2:
-            raise DataError(f"{source}:{number}: expected '<image path> <label>', got {line!r}")
+            raise DataError(f"{source}:{number}: expected '<image path> <label>', got "
+                            f"{len(fields)} fields")
         path, label = fields
+        problem = _path_problem(path)
+        if problem is not None:
+            raise DataError(f"{source}:{number}: the image path {problem}")
         # isdigit rejects signs and decimals; isascii rejects other scripts' digits.
         if not (label.isascii() and label.isdigit()):
-            raise DataError(f"{source}:{number}: label {label!r} is not a non-negative integer")
+            raise DataError(f"{source}:{number}: the label is not a non-negative integer")
         entries.append((path, int(label)))
     return entries
 
 
+def _path_problem(path: str) -> str | None:
+    """Why `path` could name a file outside the dataset folder (or an odd one), or None."""
+    if "\\" in path:  # a folder separator elsewhere, and no image name has one
+        return "contains a backslash: separate folders with '/'"
+    if path.startswith("/"):
+        return "is absolute: image paths are relative to the dataset folder"
+    if ".." in path.split("/"):
+        return "has a '..' component: image paths must stay inside the dataset folder"
+    if any(ord(char) < 32 or ord(char) == 127 for char in path):
+        return "contains a control character"
+    return None
+
+
 def read_split_file(path: Path) -> list[tuple[str, int]]:
-    return parse_split_text(path.read_text(encoding="utf-8"), path)
+    return parse_split_text(_read_bounded(path, MAX_SPLIT_FILE_BYTES).decode("utf-8"), path)
+
+
+def _read_bounded(path: Path, limit: int) -> bytes:
+    """`path`'s content, if it is a plain file of at most `limit` bytes (`limit` + 1 are read,
+    in chunks: a read of n bytes allocates n at once)."""
+    chunks: list[bytes] = []
+    left = limit + 1
+    with _open_plain(path, str(path)) as file:
+        while left > 0 and (chunk := file.read(min(left, 2**20))):
+            chunks.append(chunk)
+            left -= len(chunk)
+    if left == 0:
+        raise DataError(f"{path}: larger than {limit} bytes ({limit // 2**20} MiB), the most "
+                        "read from one split file")
+    return b"".join(chunks)
+
+
+@contextlib.contextmanager
+def _open_plain(path: Path, where: str) -> Iterator[BinaryIO]:
+    """`path` open for reading, if it is a plain file. Opened without blocking: a FIFO in a
+    file's place would otherwise wait for a writer."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise DataError(f"{where} is not a plain file (a folder, FIFO, socket or device)")
+    with open(fd, "rb") as handle:
+        yield handle
 
 
 @dataclass(frozen=True)
@@ -104,7 +164,7 @@ def _read_split(file: Path, stamp: tuple[int, int, int, int]) -> tuple[
     """(sha256, entries) of a split file, parsed once while its `stamp` (inode, size, mtime,
     ctime) stays the same: a plan opens each split file once for every job that reads it. Any
     write changes the ctime, which no one can set back."""
-    data = file.read_bytes()
+    data = _read_bounded(file, MAX_SPLIT_FILE_BYTES)
     return hashlib.sha256(data).hexdigest(), tuple(parse_split_text(data.decode("utf-8"), file))
 
 
@@ -130,22 +190,64 @@ class ImageSplit(Dataset):
     def __init__(self, split: Split, transform: Callable[[Image.Image], Any]) -> None:
         self.split = split
         self.transform = transform
+        self.inside = split.folder.resolve()  # where every image must lie, links followed
 
     def __len__(self) -> int:
         return len(self.split.entries)
 
     def __getitem__(self, index: int) -> tuple[Any, int, int]:
         path, label = self.split.entries[index]
-        file = self.split.folder / path
+        return self.transform(self._rgb(self.split.folder / path)), label, index
+
+    def _rgb(self, file: Path) -> Image.Image:
+        where = f"image {file} (listed in {self.split.file})"
         try:
-            with Image.open(file) as image:
-                rgb = image.convert("RGB")
+            with _open_inside(file, self.inside, where) as handle, warnings.catch_warnings():
+                # Pillow warns, then refuses, past its own bound (Image.MAX_IMAGE_PIXELS).
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(handle) as image:
+                    _check_pixels(image, where)
+                    return image.convert("RGB")
         except FileNotFoundError as exc:
-            raise DataError(f"image {file} (listed in {self.split.file}) does not exist") from exc
-        except (UnidentifiedImageError, OSError) as exc:
-            raise DataError(f"image {file} (listed in {self.split.file}) cannot be read: "
-                            f"{exc}") from exc
-        return self.transform(rgb), label, index
+            raise DataError(f"{where} does not exist") from exc
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise DataError(f"{where} is too large to decode: {exc}") from exc
+        # What Pillow raises on damaged files (UnidentifiedImageError is an OSError).
+        except (OSError, ValueError, SyntaxError) as exc:
+            raise DataError(f"{where} cannot be read: {exc}") from exc
+
+
+@contextlib.contextmanager
+def _open_inside(file: Path, inside: Path, where: str) -> Iterator[BinaryIO]:
+    """`file` open for reading, if it is a plain file within `inside` once links are followed.
+
+    Checked on the open file, so that a link changed between a check and the open cannot lead
+    elsewhere.
+    """
+    with _open_plain(file, where) as handle:
+        real = _opened_path(handle, file)
+        if not real.is_relative_to(inside):
+            raise DataError(f"{where} leads to {real}, outside the dataset folder {inside}: "
+                            "images must lie inside it (to keep them elsewhere, link the whole "
+                            "dataset folder)")
+        yield handle
+
+
+def _opened_path(handle: BinaryIO, file: Path) -> Path:
+    """The real path of the file `handle` has open: from /proc on Linux, else `file` resolved."""
+    try:
+        return Path(os.readlink(f"/proc/self/fd/{handle.fileno()}"))
+    except OSError:
+        return file.resolve()
+
+
+def _check_pixels(image: Image.Image, where: str) -> None:
+    """Refuse, before decoding it, an image that would decode to more than MAX_IMAGE_PIXELS."""
+    width, height = image.size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise DataError(f"{where} is {width} x {height} = {width * height} pixels, more than the "
+                        f"{MAX_IMAGE_PIXELS} an image may have (a decompression bomb, or an "
+                        "image to shrink first)")
 
 
 def _sample(items: Sequence[str], count: int) -> list[str]:

@@ -16,7 +16,9 @@ import hashlib
 import io
 import json
 import logging
+import os
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -143,12 +145,53 @@ def extract_reusing(split: Split, donors: Iterable[FeatureSet],
     return result
 
 
+def _stamp_of(path: Path) -> tuple[int, int] | None:
+    try:
+        found = path.stat()
+    except OSError:
+        return None
+    return found.st_mtime_ns, found.st_size
+
+
+def _holder(alive: Path) -> str:
+    try:
+        return alive.read_text(encoding="utf-8").strip() or "another process"
+    except OSError:
+        return "another process"
+
+
+class _SignOfLife:
+    """While a lock is held: a file touched every `interval` seconds, naming the holder, so that
+    waiters can tell a slow computation from a process that stopped."""
+
+    def __init__(self, path: Path, interval: float) -> None:
+        self.path, self.interval = path, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="cache-lock", daemon=True)
+
+    def __enter__(self) -> _SignOfLife:
+        atomic_write(self.path, f"{socket.gethostname()} pid {os.getpid()}\n", durable=False)
+        self._thread.start()
+        return self
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval):
+            with contextlib.suppress(OSError):
+                os.utime(self.path)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+
+
 class FeatureCache:
     """Features stored under `root`, keyed by the sha256 of their canonical description."""
 
-    def __init__(self, root: Path, *, lock_timeout: float = 3600.0) -> None:
+    def __init__(self, root: Path, *, patience: float = 60.0) -> None:
         self.root = Path(root)
-        self.lock_timeout = lock_timeout
+        self.patience = patience  # seconds a lock holder may show no sign of life
 
     @staticmethod
     def key(fields: Mapping[str, Any]) -> str:
@@ -208,21 +251,46 @@ class FeatureCache:
         The lock only avoids duplicate work. Correctness never depends on it (over NFS it may
         not exclude): files are replaced atomically, a payload that does not match its manifest
         is discarded and recomputed, and two extractions of one key produce the same features,
-        so a duplicate extraction is only wasted time.
+        so a duplicate extraction is only wasted time. Hence a waiter whose lock holder shows no
+        sign of life for `patience` seconds computes without it rather than hang.
         """
         key = self.key(fields)
         found = self.load(key)
         if found is not None:
             return found, True
-        lock_path = self._path(key, ".lock")
-        lock_path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            with filelock.FileLock(lock_path, timeout=self.lock_timeout):
-                return self._compute_once(key, fields, compute)
-        except filelock.Timeout:
-            log.warning("feature cache: %s still held after %.0f s; computing without it",
-                        lock_path, self.lock_timeout)
+        lock = filelock.FileLock(self._path(key, ".lock"))
+        self._path(key, "").parent.mkdir(parents=True, exist_ok=True)
+        if not self._wait_for(lock, key):
             return self._compute_once(key, fields, compute)
+        try:
+            with _SignOfLife(self._path(key, ".alive"), self.patience / 6):
+                return self._compute_once(key, fields, compute)
+        finally:
+            lock.release()
+
+    def _wait_for(self, lock: filelock.FileLock, key: str) -> bool:
+        """Take the lock; False if its holder showed no sign of life for `patience` seconds (a
+        process stopped while it held it: SIGSTOP, a hung mount) and the caller should compute
+        without it. Judged on this process's clock, like a lease."""
+        alive = self._path(key, ".alive")
+        seen, since, said = None, time.monotonic(), False
+        while True:
+            try:
+                lock.acquire(timeout=min(1.0, self.patience))
+                return True
+            except filelock.Timeout:
+                pass
+            stamp = _stamp_of(alive)
+            if stamp != seen:
+                seen, since = stamp, time.monotonic()
+            if not said:
+                log.info("feature cache: waiting for %s, who computes %s", _holder(alive), key)
+                said = True
+            if time.monotonic() - since >= self.patience:
+                log.warning("feature cache: %s showed no sign of life for %.0f s (stopped?); "
+                            "computing %s without waiting for it", _holder(alive),
+                            self.patience, key)
+                return False
 
     def _compute_once(self, key: str, fields: Mapping[str, Any],
                       compute: Callable[[], FeatureSet]) -> tuple[FeatureSet, bool]:

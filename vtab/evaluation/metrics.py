@@ -16,9 +16,9 @@ from vtab.fsutil import atomic_write
 PER_SAMPLE_FIELDS = ("id", "target", "prediction", "confidence", "margin", "loss")
 
 
-def classification_metrics(logits: torch.Tensor, targets: torch.Tensor,
-                           num_classes: int) -> dict[str, float]:
-    """Fractions in [0, 1]; top5 only when there are more than 5 classes.
+def classification_metrics(logits: torch.Tensor, targets: torch.Tensor, num_classes: int, *,
+                           top5: bool | None = None) -> dict[str, float]:
+    """Fractions in [0, 1]; top5 when asked (by default: when there are more than 5 classes).
 
     balanced_accuracy averages recall over the classes present in `targets`; macro_f1 averages
     F1 over the classes present in targets or predictions (scikit-learn's convention).
@@ -36,9 +36,9 @@ def classification_metrics(logits: torch.Tensor, targets: torch.Tensor,
         "balanced_accuracy": (true_pos[present] / support[present]).mean().item(),
         "macro_f1": (2 * true_pos[seen] / (support[seen] + predicted[seen])).mean().item(),
     }
-    if num_classes > 5:
-        top5 = logits.topk(5, dim=1).indices
-        metrics["top5"] = (top5 == targets[:, None]).any(1).double().mean().item()
+    if (num_classes > 5) if top5 is None else top5:
+        best5 = logits.topk(5, dim=1).indices
+        metrics["top5"] = (best5 == targets[:, None]).any(1).double().mean().item()
     return metrics
 
 

@@ -117,9 +117,16 @@ def _open_splits(cfg: LinearProbeConfig) -> dict[str, Split]:
     return splits
 
 
-def _check_classes(cfg: LinearProbeConfig, classes: int) -> None:
-    if cfg.metric == "top5" and classes <= 5:
-        raise ConfigError("metric", f"top5 needs more than 5 classes; {cfg.dataset} has {classes}")
+def _trained_classes(cfg: LinearProbeConfig, splits: dict[str, Split]) -> int:
+    """How many classes the training split has examples of; top-5 among fewer than six of them
+    says nothing (labels 0, 5 and 9 only make ten logits, seven of them never trained)."""
+    trained = sorted(set(splits["train"].labels))
+    if cfg.metric == "top5" and len(trained) <= 5:
+        shown = ", ".join(map(str, trained))
+        raise ConfigError("metric", f"top5 needs more than 5 classes with training examples; "
+                                    f"{cfg.dataset}'s {cfg.data.train_split} has {len(trained)} "
+                                    f"(labels {shown})")
+    return len(trained)
 
 
 def inspect(config: LinearProbeConfig) -> list[ConfigError | Advice]:
@@ -133,7 +140,7 @@ def inspect(config: LinearProbeConfig) -> list[ConfigError | Advice]:
     except ConfigError as exc:
         found += exc.problems
     try:
-        _check_classes(config, num_classes(_open_splits(config).values()))
+        _trained_classes(config, _open_splits(config))
     except ConfigError as exc:
         found += exc.problems
     return found
@@ -153,7 +160,7 @@ def run_linear_probe(config: LinearProbeConfig | Mapping[str, Any], *, cache_dir
     torch.manual_seed(head.seed)
     splits = _open_splits(cfg)
     classes = num_classes(splits.values())
-    _check_classes(cfg, classes)
+    trained_classes = _trained_classes(cfg, splits)
 
     start = time.perf_counter()
     features, cache_info = _features(cfg, spec, splits, cache_dir, device, num_workers, progress)
@@ -165,7 +172,8 @@ def run_linear_probe(config: LinearProbeConfig | Mapping[str, Any], *, cache_dir
         feature_norm=cfg.head.feature_norm, device=device, progress=progress)
     train_done = time.perf_counter()
     logits = predict(trained, evaluation.features)
-    metrics = classification_metrics(logits, evaluation.labels, classes)
+    metrics = classification_metrics(logits, evaluation.labels, classes,
+                                     top5=trained_classes > 5)
     if outputs_dir is not None:
         outputs_dir.mkdir(parents=True, exist_ok=True)
         rows = per_sample_outputs(logits, evaluation.labels, evaluation.paths)
@@ -174,7 +182,8 @@ def run_linear_probe(config: LinearProbeConfig | Mapping[str, Any], *, cache_dir
     return {
         "result": metrics[cfg.metric],
         "metrics": metrics,
-        "num_classes": classes,
+        "num_classes": classes,  # the largest label + 1: the head's outputs
+        "classes_in_train": trained_classes,
         "feature_dim": int(train.features.shape[1]),
         "num_train": len(train.paths),
         "num_eval": len(evaluation.paths),

@@ -66,7 +66,8 @@ class FeaturesConfig(Section):
     image_size: int | None = Field(
         None, ge=1, le=4096,
         description="square input size in pixels; null: the backbone's own (224 for most)")
-    batch_size: int = Field(64, ge=1, description="images per forward pass when extracting")
+    batch_size: int = Field(64, ge=1, le=100_000,
+                            description="images per forward pass when extracting")
     precision: Precision = Field(
         "auto", description="autocast dtype of the forward pass; auto is bf16 on a GPU, "
                             "fp32 on the CPU")
@@ -88,8 +89,8 @@ class _Optimizer(Section):
     name: str  # each optimizer's own Literal; declared here so that it comes first
     lr: float = Field(gt=0, description="peak learning rate")
     weight_decay: float = Field(0.0, ge=0, description="decoupled for adamw, L2 for sgd")
-    epochs: int = Field(ge=1, description="passes over the training features")
-    batch_size: int = Field(128, ge=1, description="training mini-batch size")
+    epochs: int = Field(ge=1, le=100_000, description="passes over the training features")
+    batch_size: int = Field(128, ge=1, le=1_000_000, description="training mini-batch size")
     warmup_epochs: int = Field(0, ge=0, description="linear warmup, then cosine decay to 0")
 
     @model_validator(mode="after")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +10,7 @@ import pytest
 import yaml
 
 from vtab.fsutil import atomic_write
+from vtab.kinds import LOG_DIR
 from vtab.runner import Runner, RunnerSettings
 from vtab.workarea import WorkArea
 
@@ -56,6 +58,13 @@ def drain(area: WorkArea, **settings: Any) -> int:
     defaults: dict[str, Any] = {"lease_timeout": 5.0, "settle_time": 0.0, "poll_interval": 0.05,
                                 "sweep_interval": 0.05, "idle_limit": 60.0, "progress": False}
     return Runner(area, RunnerSettings(**{**defaults, **settings}), "cpu", "test-runner").run()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def sleep_logs_allowed(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Sleep jobs of the tests may append their execution logs under the session's temporary
+    folder (runners started by the tests inherit this)."""
+    os.environ[LOG_DIR] = str(tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture

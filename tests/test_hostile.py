@@ -163,18 +163,29 @@ def test_a_pipeline_cannot_take_another_pipelines_root_as_its_child(area: WorkAr
     assert (area.folder(SUMMARIZED) / "a__x" / "summary.yaml").read_bytes() == before
 
 
-def test_a_crashed_root_and_its_refused_namesake_both_keep_their_records(area: WorkArea) -> None:
-    root = _sleep_job(name="p")
-    root["stages"]["run"]["hyperparams"]["sleep.log"] = "/nonexistent-folder/log"
-    queue(area, root, "p.yaml")
+def test_a_name_is_freed_only_by_a_pipeline_that_crashed_before_forking(area: WorkArea,
+                                                                           tmp_path: Path) -> None:
+    def failing(result: float) -> dict[str, Any]:  # its log is a folder: its run fails
+        job = _sleep_job(name="p", config={"sleep": {"result": result, "log": str(tmp_path)}})
+        return job
+
+    queue(area, failing(0.1), "p.yaml")
     assert drain(area, max_attempts=1) == CRASHED_EXIT
     first = (area.folder(CRASHED) / "p.yaml").read_bytes()
-    queue(area, _sleep_job(name="p", config={"sleep": {"result": 0.9}}), "p.yaml")
+    # Fixed and queued again under the same name: the first never forked, so the name is free.
+    queue(area, failing(0.2), "p.yaml")
+    assert drain(area, max_attempts=1) == CRASHED_EXIT
+    assert (area.folder(CRASHED) / "p.yaml").read_bytes() == first  # never overwritten
+    assert yamlio.load_mapping(area.folder(CRASHED) / "p+2.yaml")["config"]["sleep"][
+        "result"] == 0.2
+    queue(area, _sleep_job(name="p", config={"sleep": {"result": 0.3}}), "p.yaml")
+    assert drain(area) == 0  # a third try finishes
+    # A finished pipeline keeps its name: another one under it is refused, results kept.
+    queue(area, _sleep_job(name="p", config={"sleep": {"result": 0.9}}), "again.yaml")
     assert drain(area) == CRASHED_EXIT
-    assert (area.folder(CRASHED) / "p.yaml").read_bytes() == first  # the crashed root, intact
-    error = yamlio.load_mapping(area.folder(CRASHED) / "p+2.yaml")["error"]
-    assert error["key"] == "name" and "another pipeline" in error["message"]
-    assert "crashed/p.yaml" in error["message"]
+    assert yamlio.load_mapping(area.folder(FINISHED) / "p.yaml")["result"] == 0.3
+    error = _crash_of(area, "again")
+    assert error["key"] == "name" and "already names another pipeline" in error["message"]
 
 
 def test_children_whose_parent_was_deleted_are_not_called_drained(area: WorkArea) -> None:
@@ -249,7 +260,7 @@ def test_a_work_area_that_is_not_a_folder_is_a_clear_error(
         root.mkdir()
     (root / plain_file if plain_file else root).write_text("not a folder\n")
     assert runner.main(["--work_area", str(root), "--devices", "cpu"]) == 2
-    assert "is not a folder: a work area needs the folders" in capsys.readouterr().err
+    assert "is not a folder" in capsys.readouterr().err
 
 
 # -- lesser cases -----------------------------------------------------------------------------
@@ -301,3 +312,90 @@ def test_sparse_labels_get_no_top5_and_say_how_many_classes_trained(
     with pytest.raises(ConfigError, match="has 3 \\(labels 0, 5, 9\\)"):
         probe.run_linear_probe({**config, "metric": "top5"}, cache_dir=tmp_path / "cache",
                                progress=False)
+
+
+# -- the review's variants --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("linked", ["outputs/toy", "summarized/toy", "crashed", "meta/ids"])
+def test_a_folder_swapped_for_a_link_never_leads_out(area: WorkArea, tmp_path: Path,
+                                                     linked: str) -> None:
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "precious.txt").write_text("keep me\n")
+    target = area.root / linked
+    if target.exists():
+        target.rmdir()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.symlink_to(victim)
+    queue(area, toy_pipeline(datasets=("a",)))
+    drain(area, idle_limit=2.0)
+    assert [p.name for p in victim.iterdir()] == ["precious.txt"]  # nothing written, moved
+    assert (victim / "precious.txt").read_text() == "keep me\n"
+
+
+def test_a_runner_stops_when_a_folder_of_the_area_becomes_a_link(area: WorkArea,
+                                                                 tmp_path: Path) -> None:
+    (tmp_path / "victim").mkdir()
+    area.folder("finished").rmdir()
+    area.folder("finished").symlink_to(tmp_path / "victim")
+    queue(area, _sleep_job(), "job.yaml")
+    with pytest.raises(Exception, match="symbolic link"):
+        WorkArea(area.root)
+    assert drain(area) == 2  # its sweep finds it before any job could go there
+    assert list((tmp_path / "victim").iterdir()) == []
+
+
+def test_a_fifo_planted_as_a_reservation_does_not_hang_the_runner(area: WorkArea) -> None:
+    os.mkfifo(area.root / "meta" / "ids" / "job")
+    queue(area, _sleep_job(), "job.yaml")
+    assert drain(area) == CRASHED_EXIT  # at once, not blocked on the FIFO
+    assert "cannot be read" in _crash_of(area, "job")["message"]
+
+
+def test_a_sleep_log_outside_the_allowed_folder_is_refused(area: WorkArea,
+                                                           monkeypatch: pytest.MonkeyPatch,
+                                                           tmp_path: Path) -> None:
+    monkeypatch.setenv("VTAB_SLEEP_LOG_DIR", str(tmp_path / "logs"))
+    queue(area, _sleep_job(config={"sleep": {"log": str(tmp_path / "elsewhere.log")}}),
+          "job.yaml")
+    assert drain(area) == CRASHED_EXIT
+    assert _crash_of(area, "job")["key"] == "sleep.log"
+    assert not (tmp_path / "elsewhere.log").exists()
+
+
+def test_module_backbones_run_only_from_trusted_modules(area: WorkArea, digits_root: Path) -> None:
+    config = {"dataset": "digits", "data": {"root": str(digits_root)},
+              "backbone": {"name": "sys:exit", "source": "module"},
+              "optim": {"lr": 0.1, "epochs": 1}}
+    queue(area, {"current_stage": "run", "config": config,
+                 "stages": {"run": {"hyperparams": {"kind": "linear_probe"}}}}, "job.yaml")
+    assert drain(area) == CRASHED_EXIT  # the runner lived on to say so
+    error = _crash_of(area, "job")
+    assert error["key"] == "backbone.name" and "does not trust" in error["message"]
+
+
+def test_pipelines_with_stages_never_reached_or_negative_counts_are_refused(
+        area: WorkArea) -> None:
+    unreached = _sleep_job(name="u")
+    unreached["stages"]["spare"] = {"grid": {"seed": list(range(1000))}, "child_stage": "run"}
+    queue(area, unreached, "u.yaml")
+    queue(area, _sleep_job(name="n", attempts=-4), "n.yaml")
+    assert drain(area) == CRASHED_EXIT
+    assert _crash_of(area, "u")["key"] == "stages.spare"
+    assert _crash_of(area, "n")["key"] == "attempts"
+    assert len(area.queued()) == 0 and not list(area.root.glob("u__*"))
+
+
+def test_a_name_reserved_by_a_claim_that_died_before_writing_is_taken_back(
+        area: WorkArea) -> None:
+    from vtab.pipeline import prepare_root
+    from vtab.runner import _fingerprint
+
+    doc = _sleep_job(name="p")
+    root = prepare_root(doc, "p")
+    area.reserve("p", {"pipeline": "p", "fingerprint": _fingerprint(root),
+                       "instance": "deadbeef"})  # that claim is gone: its runner died
+    queue(area, doc, "p.yaml")
+    assert drain(area) == 0
+    assert (area.folder(FINISHED) / "p.yaml").exists()

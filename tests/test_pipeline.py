@@ -65,7 +65,8 @@ def test_floats_are_written_exactly_and_shortest(value: Any, text: str) -> None:
     {"x": [1, "1"], "seed": [0]},
 ])
 def test_points_that_would_share_a_job_id_are_refused(grid: dict[str, Any]) -> None:
-    doc = prepare_root(_with_stage("tune", {"grid": grid, "child_stage": "train_val"}), "toy")
+    doc = prepare_root(_with_stage("tune", {"grid": grid, "child_stage": "train_val",
+                                                 "next_stage": "select"}), "toy")
     with pytest.raises(ConfigError, match="both name the job") as info:
         children_of(doc, "tune", 100)
     assert info.value.key == "stages.tune.grid"
@@ -75,7 +76,8 @@ def test_points_that_would_share_a_job_id_are_refused(grid: dict[str, Any]) -> N
 
 
 def test_plan_names_colliding_points(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    doc = _with_stage("tune", {"grid": {"optim.lr": [1e-5, 1e-5]}, "child_stage": "train_val"})
+    doc = _with_stage("tune", {"grid": {"optim.lr": [1e-5, 1e-5]}, "child_stage": "train_val",
+                               "next_stage": "select"})
     path = tmp_path / "toy.yaml"
     yamlio.write_mapping(path, doc)
     assert status.main(["--plan", str(path)]) == 1

@@ -144,6 +144,6 @@ def resolve_env(tree: Any, key: str = "", used: dict[str, str] | None = None) ->
     if whole:
         try:
             return load_scalar(text) if text.strip() else text
-        except yaml.YAMLError:
+        except (yaml.YAMLError, ValueError):
             return text
     return text

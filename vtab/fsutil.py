@@ -73,7 +73,8 @@ def rename_no_replace(src: Path, dst: Path) -> None:
     if rename_with_flags(src, dst, RENAME_NOREPLACE):
         return
     os.link(src, dst)
-    os.unlink(src)
+    with contextlib.suppress(FileNotFoundError):  # an NFS retransmit of a removal that worked
+        os.unlink(src)
 
 
 def create_new(path: Path, data: bytes | str) -> bool:
@@ -127,7 +128,9 @@ def atomic_write(path: Path, data: bytes | str, *, durable: bool = True,
 
 def append_line(path: Path | str, line: str) -> None:
     """Append one line durably; O_APPEND keeps lines of concurrent writers whole."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    # Never through a link, never waiting on a FIFO (no reader: ENXIO).
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK,
+                 0o644)
     try:
         os.write(fd, (line.rstrip("\n") + "\n").encode("utf-8"))
         os.fsync(fd)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -27,6 +28,7 @@ def _complete_linear_probe(config: LinearProbeConfig, device: str) -> LinearProb
                complete=_complete_linear_probe)
 def linear_probe(config: LinearProbeConfig, ctx: StageContext) -> dict[str, Any]:
     """Frozen backbone features (cached) and a linear head trained on them."""
+    _check_trusted(config, ctx.trusted_modules)
     probe = _import_probe()
     try:
         return probe.run_linear_probe(
@@ -37,6 +39,19 @@ def linear_probe(config: LinearProbeConfig, ctx: StageContext) -> dict[str, Any]
         if reason is None:
             raise
         raise RunnerEnvironmentError(f"{reason} ({type(exc).__name__}: {exc})") from exc
+
+
+def _check_trusted(config: LinearProbeConfig, trusted: tuple[str, ...]) -> None:
+    """A module backbone runs a function the job names: only from modules the runner trusts."""
+    if config.backbone.source != "module":
+        return
+    module = config.backbone.name.split(":")[0]
+    if not any(module == prefix or module.startswith(prefix + ".") for prefix in trusted):
+        raise ConfigError("backbone.name", f"{config.backbone.name!r} runs code from module "
+                                           f"{module}, which this runner does not trust: start "
+                                           "it with --module_backbones naming that module (or "
+                                           f"a package above it); trusted now: "
+                                           f"{', '.join(trusted) or 'none'}")
 
 
 def _import_probe() -> ModuleType:
@@ -52,10 +67,14 @@ def _import_probe() -> ModuleType:
     return probe
 
 
+LOG_DIR = "VTAB_SLEEP_LOG_DIR"  # where the runner's operator lets sleep jobs append their logs
+
+
 class SleepSettings(Section):
-    seconds: float = Field(0.0, ge=0, description="how long the job waits")
+    seconds: float = Field(0.0, ge=0, le=86_400, description="how long the job waits")
     log: str = Field("", description="a file to which the job appends its id and process id "
-                                     "when its body completes (shows whether a job ran twice)")
+                                     "when its body completes (shows whether a job ran twice); "
+                                     f"only inside the folder the runner's {LOG_DIR} names")
     result: float = Field(0.0, description="the result the job reports")
 
 
@@ -68,10 +87,33 @@ class SleepConfig(Section):
     metric: str = Field("top1", description="the name under which metrics holds the result")
 
 
-@register_kind("sleep", SleepConfig)
+def _sleep_log(config: SleepConfig) -> Path | None:
+    """The log file a sleep job may append to: a job chooses the name, the runner's operator the
+    folder, so that no job can make a runner write where it likes."""
+    if not config.sleep.log:
+        return None
+    allowed = os.environ.get(LOG_DIR)
+    path = Path(config.sleep.log)
+    if not allowed or not path.resolve().is_relative_to(Path(allowed).resolve()):
+        raise ConfigError("sleep.log", f"{config.sleep.log!r} is not inside the folder that "
+                                       f"{LOG_DIR} names ({allowed or 'unset'}): a job may "
+                                       "write only where the runner's operator allows")
+    return path
+
+
+def _inspect_sleep(config: SleepConfig) -> list[ConfigError | Advice]:
+    try:
+        _sleep_log(config)
+    except ConfigError as exc:
+        return [exc]
+    return []
+
+
+@register_kind("sleep", SleepConfig, inspect=_inspect_sleep)
 def sleep(config: SleepConfig, ctx: StageContext) -> dict[str, Any]:
     """A job that only waits: for testing the work area and measuring queue overhead."""
+    log = _sleep_log(config)
     time.sleep(config.sleep.seconds)
-    if config.sleep.log:
-        append_line(config.sleep.log, f"{ctx.job['id']} {os.getpid()}")
+    if log is not None:
+        append_line(log, f"{ctx.job['id']} {os.getpid()}")
     return {"result": config.sleep.result, "metrics": {config.metric: config.sleep.result}}

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 import re
 import socket
 import time
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from vtab.config import delete_path, flat_entries, flatten, merged, resolve_env
-from vtab.errors import Advice, ConfigError, did_you_mean
+from vtab.errors import Advice, ConfigError, VtabError, did_you_mean
 from vtab.provenance import environment, now_iso
 from vtab.registry import Registry
 from vtab.schema import Section
@@ -48,6 +49,7 @@ BOOKKEEPING_KEYS = set(BOOKKEEPING_TYPES)
 DEFAULT_MAX_GRID_POINTS = 10_000
 DEFAULT_KIND = "linear_probe"
 MAX_PLANNED_JOBS = 100_000  # a pipeline's jobs in all, checked one by one when it is queued
+MAX_PLANNED_BYTES = 1 << 30  # what its job files may hold in all
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,9 @@ class StageContext:
     host: str = field(default_factory=socket.gethostname)  # the runner's --host_id
     job: Mapping[str, Any] = field(default_factory=dict)  # the document being run
     staging: Path | None = None  # where the job's outputs go while it runs (its claim's)
+    # Modules whose functions may build backbones (backbone.source: module): the runner's
+    # operator's choice, since such a job runs code it names.
+    trusted_modules: tuple[str, ...] = ()
 
     def outputs_dir(self) -> Path:
         return self.staging or self.area.outputs(self.job["pipeline"], self.job["id"])
@@ -209,6 +214,10 @@ def job_key_problems(doc: Mapping[str, Any]) -> list[ConfigError]:
                                  f"{type(doc[key]).__name__}); remove it from the pipeline")
                 for key, kind in BOOKKEEPING_TYPES.items()
                 if key in doc and (not isinstance(doc[key], kind) or isinstance(doc[key], bool))]
+    problems += [ConfigError(key, f"is a count runners keep and cannot be negative (got "
+                                  f"{doc[key]})")
+                 for key in ("attempts", "environment_failures")
+                 if isinstance(doc.get(key), int) and doc[key] < 0]
     ids: list[tuple[str, object]] = [(k, doc[k]) for k in ("id", "pipeline") if k in doc]
     if doc.get("parent") is not None:
         ids.append(("parent", doc["parent"]))
@@ -317,6 +326,21 @@ def _checked(kind: JobKind, config: Mapping[str, Any]) -> Section:
     return validate_schema(kind.schema, config, elsewhere=others)
 
 
+def _unreachable(stages: Mapping[str, Any], start: str) -> list[ConfigError]:
+    """Stages the pipeline never reaches from `start`: nothing in them would ever run."""
+    reached, pending = set(), [start]
+    while pending:
+        name = pending.pop()
+        if name not in reached:
+            reached.add(name)
+            pending += [stages[name][ref] for ref in ("next_stage", "child_stage")
+                        if ref in stages[name]]
+    return [ConfigError(f"stages.{name}", f"is never reached from current_stage {start!r} "
+                                          "(through next_stage and child_stage): nothing in it "
+                                          "would run; remove it")
+            for name in stages if name not in reached]
+
+
 def _check_acyclic(stages: Mapping[str, Any]) -> None:
     """Following next_stage and child_stage must always end: a cycle never would."""
     state: dict[str, int] = {}  # 1 = on the current path, 2 = done
@@ -366,6 +390,7 @@ def prepare_root(doc: dict[str, Any], file_stem: str) -> dict[str, Any]:
             **{k: v for k, v in doc.items() if k in BOOKKEEPING_KEYS}}
     try:
         validate(root)
+        problems += _unreachable(root["stages"], root["current_stage"])
     except ConfigError as exc:  # an invalid name is said once, as the name's problem
         problems += [p for p in exc.problems if not (bad_name and p.key in ("id", "pipeline"))]
     if problems:
@@ -491,10 +516,21 @@ def _fork(doc: dict[str, Any], stage: str, ctx: StageContext) -> Outcome:
                                                       "work area; nothing was forked")
     for child in children:
         ctx.area.create(child["id"], child, owner)  # a retried fork skips existing children
+    _note_forked(ctx.area, doc)
     ids = [c["id"] for c in children]
     doc.setdefault("forks", {})[stage] = ids
     doc["waiting_for"] = {"stage": stage, "children": ids}
     return Wait()
+
+
+def _note_forked(area: WorkArea, doc: Mapping[str, Any]) -> None:
+    """A pipeline that forked keeps its name for good (its jobs carry it): say so in its
+    reservation, which another pipeline may take over only before that."""
+    if doc.get("parent") is not None:
+        return
+    held = area.owner_of(doc["id"])
+    if held is not None and "fingerprint" in held and not held.get("forked"):
+        area.update_owner(doc["id"], {**held, "forked": True})
 
 
 def _check_not_forked_before(doc: Mapping[str, Any], stage: str, ids: list[str]) -> None:
@@ -512,7 +548,10 @@ def _run_kind(doc: dict[str, Any], stage: str, ctx: StageContext) -> None:
     if kind.complete is not None:
         config = kind.complete(config, ctx.device)
     started = time.monotonic()
-    output = kind.run(config, ctx)
+    try:
+        output = kind.run(config, ctx)
+    except SystemExit as exc:  # code a job named called sys.exit: the job fails, not the runner
+        raise VtabError(f"the job tried to end its runner (SystemExit {exc.code!r})") from None
     doc.update(output)
     # Exactly what ran: every key the kind read, defaults filled in, nothing it ignored.
     doc["run_config"] = {"kind": kind.name, **config.model_dump(mode="json")}
@@ -681,6 +720,12 @@ def check_plan(root: dict[str, Any], limit: int, *, deep: bool) -> PlanReport:
     if total > MAX_PLANNED_JOBS:
         raise ConfigError("stages", f"the pipeline expands to {total} jobs in all, more than "
                                     f"{MAX_PLANNED_JOBS}: split it into several pipelines")
+    size = len(json.dumps({k: root.get(k) for k in ("config", "stages")}, default=str))
+    if total * size > MAX_PLANNED_BYTES:  # every job carries the config and the stages
+        raise ConfigError("stages", f"the pipeline would write about {total * size // 2**20} MiB "
+                                    f"of job files ({total} jobs of {size} bytes each), more "
+                                    f"than {MAX_PLANNED_BYTES // 2**20} MiB: make its config "
+                                    "smaller, or split it into several pipelines")
     report = PlanReport()
     problems: Problems = []
     for job, stage in planned_runs(root, limit, problems):

@@ -34,7 +34,7 @@ from vtab.pipeline import (
 )
 from vtab.provenance import now_iso
 from vtab.schema import Field, Section
-from vtab.workarea import SUMMARIZED, WorkArea
+from vtab.workarea import OUTPUTS, SUMMARIZED, WorkArea, describe_owner
 
 SUMMARY_KEYS = ("result", "std", "seeds", "metrics", "evaluated_on", "selected", "selected_on",
                 "tuning")
@@ -126,8 +126,14 @@ def _fork_children(doc: Mapping[str, Any], options: FromFork) -> list[str]:
     return forks[stage]
 
 
-def _load_done(area: WorkArea, pipeline: str, job_id: str) -> dict[str, Any]:
-    path = area.done_path(job_id, pipeline)
+def _load_child(area: WorkArea, parent: Mapping[str, Any], job_id: str) -> dict[str, Any]:
+    """A finished child of `parent`: only a job whose id was reserved for it (a job's forks
+    may have been edited by hand to name another pipeline's jobs)."""
+    owner = area.owner_of(job_id)
+    if owner is not None and owner != {"pipeline": parent["pipeline"], "parent": parent["id"]}:
+        raise ConfigError("forks", f"{job_id!r} is not a job {parent['id']!r} forked (it is "
+                                   f"{describe_owner(owner)})")
+    path = area.done_path(job_id, parent["pipeline"])
     if path is None:
         raise VtabError(f"child job {job_id} is not finished (not in finished/ or summarized/)")
     return yamlio.load_mapping(path)
@@ -135,7 +141,7 @@ def _load_done(area: WorkArea, pipeline: str, job_id: str) -> dict[str, Any]:
 
 def _children(doc: Mapping[str, Any], options: FromFork,
               ctx: StageContext) -> list[dict[str, Any]]:
-    return [_load_done(ctx.area, doc["pipeline"], c) for c in _fork_children(doc, options)]
+    return [_load_child(ctx.area, doc, c) for c in _fork_children(doc, options)]
 
 
 def _value(child: Mapping[str, Any], key: str) -> float:
@@ -265,7 +271,7 @@ def summarize(doc: dict[str, Any], options: FromFork, ctx: StageContext) -> Fini
         "backbone": config.get("backbone", {}),
         "datasets": datasets,
     }
-    folder = ctx.area.folder(SUMMARIZED) / pipeline
+    folder = ctx.area.real_dir(ctx.area.folder(SUMMARIZED) / pipeline)
     _move_tree(ctx.area, doc, folder)
     yamlio.write_mapping(folder / "summary.yaml", summary)
     return Finish(f"{SUMMARIZED}/{pipeline}/jobs")
@@ -279,23 +285,36 @@ def _shared(entries: list[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def _move_tree(area: WorkArea, root: Mapping[str, Any], folder: Path) -> None:
-    """Move all descendants of `root` (and their outputs) from finished/ into `folder`."""
-    jobs = area.summarized_jobs(root["pipeline"])
-    jobs.mkdir(parents=True, exist_ok=True)
-    pending = [c for ids in (root.get("forks") or {}).values() for c in ids]
+    """Move all descendants of `root` (and their outputs) from finished/ into `folder`.
+
+    Only the root's own descendants, each once: a child is followed only if its id was
+    reserved for the job that forked it (files planted in finished/ lead nowhere).
+    """
+    pipeline = root["pipeline"]
+    jobs = area.real_dir(area.summarized_jobs(pipeline))
+    pending = [(c, root["id"]) for ids in (root.get("forks") or {}).values() for c in ids]
+    seen: set[str] = set()
     while pending:
-        job_id = pending.pop()
-        path = area.done_path(job_id, root["pipeline"])
+        job_id, parent = pending.pop()
+        if job_id in seen:
+            continue
+        seen.add(job_id)
+        owner = area.owner_of(job_id)
+        if owner is not None and owner != {"pipeline": pipeline, "parent": parent}:
+            raise ConfigError(f"forks of {parent}", f"{job_id!r} is not a job {parent!r} forked "
+                                                     f"(it is {describe_owner(owner)})")
+        path = area.done_path(job_id, pipeline)
         if path is None:
-            raise VtabError(f"job {job_id} of pipeline {root['pipeline']} is not finished")
+            raise VtabError(f"job {job_id} of pipeline {pipeline} is not finished")
         child = yamlio.load_mapping(path)
-        pending.extend(c for ids in (child.get("forks") or {}).values() for c in ids)
+        pending.extend((c, job_id) for ids in (child.get("forks") or {}).values() for c in ids)
         if path.parent != jobs:
             os.replace(path, jobs / path.name)
             crash_point()
-    outputs = area.root / "outputs" / root["pipeline"]
+    outputs = area.folder(OUTPUTS) / pipeline
     if outputs.is_dir():
-        (folder / "outputs").mkdir(parents=True, exist_ok=True)
+        area.real_dir(outputs)  # a link planted there would move someone's files
+        target = area.real_dir(folder / "outputs")
         for entry in outputs.iterdir():
             with contextlib.suppress(OSError):  # already moved by an earlier attempt
-                os.replace(entry, folder / "outputs" / entry.name)
+                os.replace(entry, target / entry.name)

@@ -64,6 +64,7 @@ from vtab.workarea import (
     LeaseLost,
     LeaseWatcher,
     StorageError,
+    UnsafeFolder,
     WorkArea,
     describe_owner,
     is_valid_id,
@@ -112,6 +113,7 @@ class RunnerSettings:
     storage_backoff: float = 5.0  # seconds to wait after a failed write, doubled each time
     storage_failures: int = 5  # consecutive failed writes after which the runner stops
     host: str = field(default_factory=socket.gethostname)
+    trusted_modules: tuple[str, ...] = ()
 
     def area_settings(self) -> dict[str, float]:
         """The settings this runner asks of the work area (those given)."""
@@ -172,7 +174,7 @@ class Runner:
         self.ctx = StageContext(area=area, device=device, cache_dir=settings.cache_dir,
                                 num_workers=settings.num_workers, progress=settings.progress,
                                 max_grid_points=settings.max_grid_points, runner=self.id,
-                                host=settings.host)
+                                host=settings.host, trusted_modules=settings.trusted_modules)
         self.stop_signal: int | None = None
         self.broken: str | None = None  # why this runner cannot run jobs at all
         try:
@@ -266,12 +268,17 @@ class Runner:
         moved = False
         if time.monotonic() - self._last_sweep >= self.settings.sweep_interval:
             moved = self.sweep()
+            if self.broken is not None:  # the sweep found the area unsafe: claim nothing
+                return moved
         now = time.monotonic()
         later = {name for name, when in self._later.items() if when > now}
         try:
             claim = self.area.claim_next(later) if self.stop_signal is None else None
         except StorageError as exc:
             self._storage_trouble(None, exc)
+            return False
+        except UnsafeFolder as exc:  # running/ swapped for a link since the last sweep
+            self.broken = str(exc)
             return False
         if claim is None:
             return moved
@@ -285,6 +292,14 @@ class Runner:
         self._last_sweep = time.monotonic()
         moved = False
         try:
+            self.area.check_folders()
+            self.area.settings(self.protocol.model_dump())  # changed under this runner?
+        except VtabError as exc:
+            self.broken = f"{exc} (the work area changed under this runner)"
+            return False
+        except StorageError:  # cannot write the settings back: the writes below will say so
+            pass
+        try:
             self._warn_about_strays()
             for stale in self.watcher.stale(self.area.folder(RUNNING), self.heartbeat.tokens()):
                 moved |= self.recover(stale)
@@ -292,6 +307,8 @@ class Runner:
                 moved |= self.try_release(path.name[: -len(SUFFIX)])
         except StorageError as exc:  # a claim taken here stays in running/ until its lease ends
             self._storage_trouble(None, exc)
+        except UnsafeFolder as exc:
+            self.broken = str(exc)
         return moved
 
     def _warn_about_strays(self) -> None:
@@ -505,31 +522,41 @@ class Runner:
     def _check_name_is_free(self, claim: Claim, root: dict[str, Any]) -> None:
         """A pipeline's name is its root's id, reserved for it for the life of the work area.
 
-        It can be queued again only unchanged and once it is finished: to re-run it, which
-        computes nothing that is there already. The reservation is made by one atomic step, so
-        of two pipelines queued at once under one name exactly one is taken.
+        The reservation names the pipeline's content and the claim that made it. It is taken
+        over (one atomic step, see WorkArea.take_over) only where nothing can be lost: by the
+        same pipeline once it finished (a re-run computes nothing new) or after the claim that
+        reserved it ended before the root was written (its runner died); by another pipeline
+        only if the first one never forked and is not in flight (it crashed early: fixed and
+        queued again). Of two pipelines queued at once under one name exactly one is taken.
         """
         name = root["id"]
-        stat = claim.path.stat()  # the queued file's inode, the same until its first rewrite
-        owner = {"pipeline": name, "fingerprint": _fingerprint(root),
-                 "instance": f"{stat.st_dev}:{stat.st_ino}"}
+        owner = {"pipeline": name, "fingerprint": _fingerprint(root), "instance": claim.token}
         held = self.area.reserve(name, owner)
         if held is None:
             self._check_older_files(claim, root)  # jobs of an area older than reservations
             return
-        if held == owner:
-            return  # this very file, claimed again after a runner died before rewriting it
         where = next((p for p in self.area.places(name, name) if p != claim.path), None)
+        in_flight = self.area.holds_claim(str(held.get("instance"))) or (
+            where is not None and where.parent.name != CRASHED)
         seen = f" ({where.relative_to(self.area.root)})" if where else ""
-        if held.get("fingerprint") != owner["fingerprint"]:
-            other = describe_owner(held) if "fingerprint" not in held else "another pipeline"
-            raise ConfigError("name", f"{name!r} already names {other} in this work area"
-                                      f"{seen}; a name names one pipeline for the life of the "
-                                      "area: give this one another name")
-        if self.area.done_path(name, name) is None:
+        same = held.get("fingerprint") == owner["fingerprint"] and not held.get("parent")
+        if same and self.area.done_path(name, name) is not None:
+            free = True  # a re-run of the finished pipeline
+        elif same:
+            free = not in_flight  # its first claim ended before writing it: a runner died
+        else:  # another pipeline: only in place of one that crashed before it forked
+            free = ("fingerprint" in held and not held.get("forked") and not in_flight
+                    and self.area.done_path(name, name) is None)
+        if free and self.area.take_over(name, held, owner):
+            return
+        if same:
             raise ConfigError("name", f"{name!r} names this same pipeline, queued before and not "
                                       f"finished{seen or ' (another copy is being started)'}; "
                                       "to retry a crashed one, move its file back from crashed/")
+        other = describe_owner(held) if "fingerprint" not in held else "another pipeline"
+        raise ConfigError("name", f"{name!r} already names {other} in this work area{seen}, "
+                                  "which has forked jobs or is in flight; give this one "
+                                  "another name")
 
     def _check_older_files(self, claim: Claim, root: dict[str, Any]) -> None:
         """Files with this id from before reservations existed: the same rule, by content."""
@@ -537,10 +564,13 @@ class Runner:
             if other == claim.path:
                 continue
             try:
-                same = {k: yamlio.load_mapping(other).get(k) for k in ("config", "stages")} == {
-                    k: root[k] for k in ("config", "stages")}
+                found = yamlio.load_mapping(other)
             except (OSError, VtabError):
-                same = False
+                found = {}
+            if found.get("id") not in (None, root["id"]):
+                continue  # another job's file that only looks alike (crashed/a+2.yaml)
+            same = {k: found.get(k) for k in ("config", "stages")} == {
+                k: root[k] for k in ("config", "stages")}
             if same and other.parent.name in (FINISHED, "jobs"):
                 continue
             what = "this pipeline, still in flight," if same else "another pipeline"
@@ -600,7 +630,8 @@ class Runner:
             log.info("%s: waits for %d jobs", doc["id"], len(doc["waiting_for"]["children"]))
             self.try_release(doc["id"])
             return
-        self.area.move(claim, self.area.end_folder(doc["finished_in"]), doc["id"])
+        folder = self.area.end_folder(doc["finished_in"], doc.get("pipeline"))
+        self.area.move(claim, folder, doc["id"])
         self.jobs_done += 1
         result = f" result={doc['result']:.4f}" if isinstance(doc.get("result"), float) else ""
         log.info("%s: finished%s", doc["id"], result)
@@ -661,7 +692,11 @@ class Runner:
 
     def _requeue_lost(self, claim: Claim) -> bool:
         try:
-            doc = self.area.read(claim)
+            raw = self.area.read_bytes(claim)
+            if not is_whole(raw):  # never written by a runner: maybe still being copied
+                self.area.requeue(claim)  # as it is: a rewrite would call it whole
+                return True
+            doc = yamlio.parse_mapping(raw, str(claim.path))
             lease = doc.pop("lease", {}) or {}
             doc.setdefault("errors", []).append({
                 "type": "LeaseExpired", "at": provenance.now_iso(), "detected_by": self.id,
@@ -830,7 +865,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds a queued file that does not end with the YAML end marker "
                              "'...' must be left unchanged before it runs (a copy may still be "
                              "writing it); a setting of the work area like --lease_timeout "
-                             "(default 5)")
+                             "(default 10)")
     parser.add_argument("--max_attempts", type=_count(1), default=RunnerSettings.max_attempts,
                         help="attempts per stage before a job is crashed (default: %(default)s)")
     parser.add_argument("--poll_interval", type=_seconds, default=RunnerSettings.poll_interval,
@@ -841,6 +876,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="feature cache folder (default: <work_area>/cache/features)")
     parser.add_argument("--host_id", default=socket.gethostname(),
                         help="host name recorded in leases and results (default: the hostname)")
+    parser.add_argument("--module_backbones", default="",
+                        help="comma-separated modules (or packages) whose functions jobs may "
+                             "use as backbones (backbone.source: module); such a job runs code "
+                             "it names, so none is trusted by default")
     parser.add_argument("--no_progress", action="store_true",
                         help="no progress bars (they are shown only when stderr is a terminal)")
     parser.add_argument("--runner_index", type=int, default=None, help=argparse.SUPPRESS)
@@ -880,6 +919,8 @@ def settings_from(args: argparse.Namespace) -> RunnerSettings:
                           cache_dir=args.cache_dir, max_grid_points=args.max_grid_points,
                           progress=not args.no_progress and sys.stderr.isatty(),
                           host=args.host_id,
+                          trusted_modules=tuple(m.strip() for m in
+                                                args.module_backbones.split(",") if m.strip()),
                           poll_interval=args.poll_interval)
 
 
@@ -973,7 +1014,7 @@ def main(argv: list[str] | None = None) -> int:
         wanted = settings_from(args).area_settings()
         validate_schema(AreaSettings, wanted)  # bad values, before the area is touched
         WorkArea(args.work_area).settings(wanted)
-    except (ConfigError, StorageError) as exc:
+    except (VtabError, StorageError) as exc:
         key = getattr(exc, "key", None)
         print(f"main_runner: {'--' + key + ': ' if key else ''}"
               f"{getattr(exc, 'message', exc)}", file=sys.stderr)

@@ -23,7 +23,16 @@ from vtab.pipeline import (
     prepare_root,
     stage_kind,
 )
-from vtab.workarea import CRASHED, FINISHED, RUNNING, SUFFIX, SUMMARIZED, WAITING, WorkArea
+from vtab.workarea import (
+    CRASHED,
+    FINISHED,
+    RUNNING,
+    SUFFIX,
+    SUMMARIZED,
+    WAITING,
+    StorageError,
+    WorkArea,
+)
 
 SHOWN = 20  # jobs listed per folder before "... and N more"
 
@@ -192,5 +201,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.work_area.is_dir():
         print(f"{args.work_area}: no such work area", file=sys.stderr)
         return 1
-    print("\n".join(status_lines(WorkArea(args.work_area))))
+    try:
+        area = WorkArea(args.work_area)
+    except (VtabError, StorageError) as exc:
+        print(f"{args.work_area}: {exc}", file=sys.stderr)
+        return 1
+    print("\n".join(status_lines(area)))
     return 0

@@ -28,6 +28,7 @@ import random
 import re
 import secrets
 import shutil
+import stat
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from vtab import fsutil, yamlio
-from vtab.errors import ConfigError
+from vtab.errors import ConfigError, VtabError
 from vtab.faults import crash_point
 from vtab.schema import Field, Section
 from vtab.schema import validate as validate_schema
@@ -55,7 +56,7 @@ class AreaSettings(Section):
 
     lease_timeout: float = Field(60.0, ge=0.2, le=86_400, description=(
         "seconds without a heartbeat after which a claimed job is taken back"))
-    settle_time: float = Field(5.0, ge=0, le=3_600, description=(
+    settle_time: float = Field(10.0, ge=0, le=3_600, description=(
         "seconds a queued file that does not end with '...' must be left unchanged before it "
         "runs: a copy may still be writing it"))
 SUFFIX = ".yaml"
@@ -68,6 +69,10 @@ class LeaseLost(Exception):
 
 class StorageError(Exception):
     """A write or rename in the work area failed (full disk, no permission, I/O error)."""
+
+
+class UnsafeFolder(VtabError):
+    """A folder of the work area is a link or a file: using it could lead out of the area."""
 
 
 class IdTaken(ConfigError):
@@ -168,13 +173,36 @@ class WorkArea:
 
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root).resolve()
+        with contextlib.suppress(FileExistsError):
+            self.root.mkdir(parents=True)
+        if not self.root.is_dir():
+            raise UnsafeFolder(f"{self.root} is not a folder: a work area is a folder")
+        self.check_folders()
+
+    def check_folders(self) -> None:
+        """Make the area's folders where they are missing; UnsafeFolder if one is a link or a
+        file (runners check this between jobs: a folder swapped for a link would lead out)."""
         for folder in (*FOLDERS, IDS):
-            path = self.root / folder
+            self.real_dir(self.root / folder)
+
+    def real_dir(self, path: Path) -> Path:
+        """`path`, a folder inside the area, made where missing: every part of it below the
+        area's root must be a real folder, never a link, so that nothing written, moved or
+        removed through it lands outside the area."""
+        here = self.root
+        for part in path.relative_to(self.root).parts:
+            here = here / part
             try:
-                path.mkdir(parents=True, exist_ok=True)
-            except (FileExistsError, NotADirectoryError):
-                raise StorageError(f"{path} is not a folder: a work area needs the folders "
-                                   f"{', '.join(FOLDERS)} and {META}/") from None
+                found = os.lstat(here)
+            except FileNotFoundError:
+                with _storage("make the folder", here):
+                    here.mkdir(exist_ok=True)
+                    found = os.lstat(here)
+            if not stat.S_ISDIR(found.st_mode):
+                what = "a symbolic link" if stat.S_ISLNK(found.st_mode) else "not a folder"
+                raise UnsafeFolder(f"{here} is {what}: a work area's folders must be real "
+                                   "folders inside it (nothing was written there)")
+        return path
 
     def folder(self, name: str) -> Path:
         return self.root / name
@@ -243,14 +271,14 @@ class WorkArea:
         if pipeline is not None and (self.summarized_jobs(pipeline) / name).exists():
             yield self.summarized_jobs(pipeline) / name
 
-    def end_folder(self, relative: object) -> Path:
-        """The folder a finished job names (``finished`` or ``summarized/<p>/jobs``)."""
+    def end_folder(self, relative: object, pipeline: object) -> Path:
+        """The folder a finished job names: ``finished`` or its own pipeline's
+        ``summarized/<pipeline>/jobs``."""
         parts = str(relative).split("/")
-        if parts == [FINISHED] or (len(parts) == 3 and parts[0] == SUMMARIZED
-                                   and is_valid_id(parts[1]) and parts[2] == "jobs"):
-            return self.root.joinpath(*parts)
-        raise ConfigError("finished_in", f"{relative!r} is not a folder a finished job can go "
-                                         f"to ({FINISHED} or {SUMMARIZED}/<pipeline>/jobs)")
+        if parts == [FINISHED] or parts == [SUMMARIZED, str(pipeline), "jobs"]:
+            return self.real_dir(self.root.joinpath(*parts))
+        raise ConfigError("finished_in", f"{relative!r} is not a folder this job can go to "
+                                         f"({FINISHED} or {SUMMARIZED}/{pipeline}/jobs)")
 
     def summarized_jobs(self, pipeline: str) -> Path:
         return self.root / SUMMARIZED / checked_id(pipeline, "pipeline") / "jobs"
@@ -292,7 +320,7 @@ class WorkArea:
         itself when a retried fork or a recovered claim comes again). Exactly one of several
         runners reserving one id at once gets None, over NFS too (a hard link).
         """
-        path = self.root / IDS / checked_id(job_id)
+        path = self.real_dir(self.root / IDS) / checked_id(job_id)
         with _storage("reserve the id of", path):
             if fsutil.create_new(path, json.dumps(dict(owner), sort_keys=True)):
                 crash_point()
@@ -306,16 +334,50 @@ class WorkArea:
         """
         path = self.root / IDS / checked_id(job_id)
         try:
-            owner = json.loads(path.read_bytes())
+            owner = json.loads(yamlio.read_bounded(path))  # never through a link or a FIFO
         except FileNotFoundError:
             return None
-        except (OSError, ValueError):
+        except (OSError, ValueError, VtabError):
             return {"unreadable": str(path)}
         return owner if isinstance(owner, dict) else {"unreadable": str(path)}
 
+    def take_over(self, job_id: str, old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
+        """Reserve `job_id` for `new` in place of `old`, if it is still `old`'s: of runners
+        taking over at once, one wins (the rename of the old reservation away)."""
+        path = self.root / IDS / checked_id(job_id)
+        aside = fsutil.temp_path_for(path)
+        if self.owner_of(job_id) != dict(old):
+            return False
+        try:
+            with _storage("take over the id of", path):
+                os.rename(path, aside)
+        except FileNotFoundError:
+            return False
+        try:
+            held = json.loads(yamlio.read_bounded(aside))
+            if held != dict(old):  # it changed in between: put it back, untouched
+                os.rename(aside, path)
+                return False
+            with _storage("reserve the id of", path):
+                return fsutil.create_new(path, json.dumps(dict(new), sort_keys=True))
+        finally:
+            with contextlib.suppress(OSError):
+                aside.unlink()
+
+    def update_owner(self, job_id: str, owner: Mapping[str, Any]) -> None:
+        """Rewrite the reservation of `job_id`, which the caller holds (to note a fork)."""
+        path = self.root / IDS / checked_id(job_id)
+        with _storage("write", path):
+            fsutil.atomic_write(path, json.dumps(dict(owner), sort_keys=True))
+
+    def holds_claim(self, token: str) -> bool:
+        """Whether a claim with `token` is in running/ (its runner holds a job)."""
+        return any(self.root.joinpath(RUNNING).glob(f"*@{glob_escape(token)}{SUFFIX}"))
+
     def keep_crashed(self, job_id: str, content: dict[str, Any]) -> Path:
         """Write `content` as a new file in crashed/, never over an existing crash record."""
-        tmp = fsutil.temp_path_for(self.folder(CRASHED) / (checked_id(job_id) + SUFFIX))
+        tmp = fsutil.temp_path_for(self.real_dir(self.folder(CRASHED)) / (checked_id(job_id)
+                                                                         + SUFFIX))
         with _storage("write", tmp):
             yamlio.write_mapping(tmp, content)
             return self._place_anew(tmp, self.folder(CRASHED), job_id)
@@ -349,7 +411,7 @@ class WorkArea:
         """Rename `path` into running/ under a fresh token; None if someone was faster."""
         token = secrets.token_hex(4)
         job_id = _id_of(path)
-        target = self.root / RUNNING / f"{job_id}@{token}{SUFFIX}"
+        target = self.real_dir(self.root / RUNNING) / f"{job_id}@{token}{SUFFIX}"
         try:
             with _storage("claim", path):
                 os.rename(path, target)
@@ -375,10 +437,12 @@ class WorkArea:
         return max(0.0, claim.found.st_ctime - claim.found.st_mtime)
 
     def put_back(self, claim: Claim) -> None:
-        """Return a claim to the queue as it was found: its name and its modification time."""
+        """Return a claim to the queue as it was found: its name and its modification time
+        (unless it grew meanwhile: a copy went on writing it, and its time says so)."""
         if claim.found is not None:
             with contextlib.suppress(FileNotFoundError):
-                os.utime(claim.path, ns=(claim.found.st_atime_ns, claim.found.st_mtime_ns))
+                if os.lstat(claim.path).st_size == claim.found.st_size:
+                    os.utime(claim.path, ns=(claim.found.st_atime_ns, claim.found.st_mtime_ns))
         self.requeue(claim)
 
     def heartbeat(self, claim: Claim) -> None:
@@ -423,7 +487,7 @@ class WorkArea:
         crash_point()
         try:
             with _storage("move a job to", target):
-                directory.mkdir(parents=True, exist_ok=True)
+                self.real_dir(directory)
                 if directory == self.folder(CRASHED):
                     target = self._place_anew(claim.path, directory, name)
                 else:
@@ -452,7 +516,9 @@ class WorkArea:
             return
         target = self.outputs(pipeline, job_id)
         with _storage("move outputs to", target):
-            target.parent.mkdir(parents=True, exist_ok=True)
+            self.real_dir(target.parent)
+            if target.is_symlink() or target.is_file():
+                target.unlink()  # planted: never followed
             shutil.rmtree(target, ignore_errors=True)  # an earlier attempt's
             os.rename(staged, target)
 

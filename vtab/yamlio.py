@@ -256,6 +256,8 @@ def parse_mapping(raw: bytes, name: str) -> dict[str, Any]:
     except yaml.YAMLError as exc:
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise YamlFileError(f"{name}: invalid YAML: {problem}{_where(exc)}") from None
+    except ValueError as exc:  # a value Python will not build: an integer of 5000 digits, say
+        raise YamlFileError(f"{name}: refused value: {str(exc).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise YamlFileError(f"{name}: the top level is {_kind(data)}, expected a mapping of keys")
     return data

@@ -36,6 +36,9 @@ MAX_IMAGE_PIXELS = 89_478_485
 MAX_SPLIT_FILE_BYTES = 256 * 2**20
 
 
+MAX_CLASSES = 1_000_000  # labels are 0 .. MAX_CLASSES - 1: a linear head holds a column each
+
+
 def parse_split_text(text: str, source: Path) -> list[tuple[str, int]]:
     """Parse split file content; `source` only names the file in errors. Blank lines are skipped.
 
@@ -57,6 +60,9 @@ def parse_split_text(text: str, source: Path) -> list[tuple[str, int]]:
         # isdigit rejects signs and decimals; isascii rejects other scripts' digits.
         if not (label.isascii() and label.isdigit()):
             raise DataError(f"{source}:{number}: the label is not a non-negative integer")
+        if len(label) > 7 or int(label) >= MAX_CLASSES:  # a head has a column per class
+            raise DataError(f"{source}:{number}: the label is {MAX_CLASSES} or more; labels "
+                            f"number the classes from 0 (at most {MAX_CLASSES} classes)")
         entries.append((path, int(label)))
     return entries
 

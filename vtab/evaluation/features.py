@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import socket
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -32,6 +33,7 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 from tqdm import tqdm
 
+from vtab.errors import DataError
 from vtab.evaluation.data import ImageSplit, Split
 from vtab.fsutil import atomic_write
 
@@ -145,17 +147,31 @@ def extract_reusing(split: Split, donors: Iterable[FeatureSet],
     return result
 
 
+def _read_plain(path: Path) -> bytes:
+    """A plain file's bytes: not through a link, and never waiting on a FIFO planted there."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+    with open(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path} is not a plain file")
+        return handle.read()
+
+
 def _stamp_of(path: Path) -> tuple[int, int] | None:
+    """The sign of life's stamp, through an open file (NFS revalidates it then, as for leases)."""
     try:
-        found = path.stat()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
     except OSError:
         return None
+    try:
+        found = os.fstat(fd)
+    finally:
+        os.close(fd)
     return found.st_mtime_ns, found.st_size
 
 
 def _holder(alive: Path) -> str:
     try:
-        return alive.read_text(encoding="utf-8").strip() or "another process"
+        return _read_plain(alive)[:200].decode("utf-8", "replace").strip() or "another process"
     except OSError:
         return "another process"
 
@@ -199,6 +215,14 @@ class FeatureCache:
                                separators=(",", ":"))
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
+    def _folder(self, key: str) -> Path:
+        """The entry's folder, made where missing; never a link (it could lead anywhere)."""
+        folder = self.root / key[:2]
+        folder.mkdir(parents=True, exist_ok=True)
+        if folder.is_symlink():
+            raise DataError(f"feature cache folder {folder} is a symbolic link; remove it")
+        return folder
+
     def _path(self, key: str, suffix: str) -> Path:
         return self.root / key[:2] / f"{key}{suffix}"
 
@@ -211,14 +235,14 @@ class FeatureCache:
     def load(self, key: str) -> FeatureSet | None:
         """The entry, or None when it is absent or fails verification (then it is deleted)."""
         try:
-            manifest = json.loads(self._path(key, ".json").read_text(encoding="utf-8"))
+            manifest = json.loads(_read_plain(self._path(key, ".json")))
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as exc:
             self._discard(key, f"unreadable manifest ({exc})")
             return None
         try:
-            payload = self._path(key, ".pt").read_bytes()
+            payload = _read_plain(self._path(key, ".pt"))
             if hashlib.sha256(payload).hexdigest() != manifest["sha256"]:
                 self._discard(key, "sha256 does not match the manifest")
                 return None
@@ -235,7 +259,7 @@ class FeatureCache:
         torch.save({"features": features.features, "labels": features.labels,
                     "paths": features.paths}, buffer)
         payload = buffer.getvalue()
-        self._path(key, "").parent.mkdir(parents=True, exist_ok=True)
+        self._folder(key)
         atomic_write(self._path(key, ".pt"), payload)
         manifest = {"key": key, "format": FORMAT_VERSION, "fields": dict(fields),
                     "sha256": hashlib.sha256(payload).hexdigest(),
@@ -259,7 +283,7 @@ class FeatureCache:
         if found is not None:
             return found, True
         lock = filelock.FileLock(self._path(key, ".lock"))
-        self._path(key, "").parent.mkdir(parents=True, exist_ok=True)
+        self._folder(key)
         if not self._wait_for(lock, key):
             return self._compute_once(key, fields, compute)
         try:

@@ -47,7 +47,9 @@ class BackboneConfig(Section):
                                   "(resnet50.a1_in1k) or, with source module, "
                                   "package.module:function")
     source: Literal["torchvision", "timm", "module"] = Field(
-        "torchvision", description="the library that builds the model")
+        "torchvision", description="the library that builds the model; module runs a function "
+                                   "of a module the runner trusts (main_runner.py "
+                                   "--module_backbones)")
     weights: str = Field("none", description="none (random, the same in every runner), the "
                                              "source's pretrained weights (IMAGENET1K_V2, "
                                              "DEFAULT; timm: pretrained) or a checkpoint file")

@@ -1,4 +1,4 @@
-"""Lay out the embedded digits dataset, or check a VTAB-1K data root (see SETUP_DATA.md).
+"""Lay out the embedded digits datasets, or check a data root (see SETUP_DATA.md).
 
     python main_prepare_data.py digits [--root ROOT]
     python main_prepare_data.py check [--root ROOT] [--datasets a,b,...]
@@ -19,8 +19,10 @@ from vtab.vtab1k import VTAB1K_DATASETS
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    digits = commands.add_parser("digits", help="write scikit-learn's digits as <root>/digits")
-    check = commands.add_parser("check", help="verify split files and sample images")
+    digits = commands.add_parser("digits", help="write scikit-learn's digits as <root>/digits, "
+                                 "<root>/digits_folders and <root>/digit_pairs")
+    check = commands.add_parser("check", help="verify split files or class folders and sample "
+                                "images")
     check.add_argument("--datasets", default=",".join(VTAB1K_DATASETS),
                        help="comma-separated dataset folders (default: the 19 VTAB-1K tasks)")
     for sub in (digits, check):
@@ -29,9 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "digits":
-        from vtab.evaluation.digits import write_digits
+        from vtab.evaluation.digits import write_embedded
 
-        print(f"digits dataset ready in {write_digits(args.root)}")
+        for name, folder in write_embedded(args.root).items():
+            print(f"{name} dataset ready in {folder}")
         return 0
     from vtab.evaluation.data import check_root
 

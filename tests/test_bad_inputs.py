@@ -39,6 +39,12 @@ def _broken_data(root: Path, digits_root: Path) -> None:
         if name != "onlytrain":
             (root / name / "val200.txt").write_text("images/0.png 0\n")
     (root / "not_a_checkpoint.pth").write_text("this is a text file, not a checkpoint\n")
+    (root / "emptylabels").mkdir()
+    (root / "emptylabels" / "train800.txt").write_text("images/0.png 0,1\nimages/1.png\n")
+    (root / "emptylabels" / "val200.txt").write_text("images/0.png 0\n")
+    (root / "mixedlayout" / "train800" / "cat").mkdir(parents=True)
+    (root / "mixedlayout" / "train800.txt").write_text("images/0.png 0\n")
+    (root / "mixedlayout" / "val200.txt").write_text("images/0.png 0\n")
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import filelock
 import pytest
 import torch
 
-from vtab.evaluation.backbones import create_backbone
+from vtab.evaluation.backbones import build_backbone, resolve_backbone, source_of
 from vtab.evaluation.data import ImageSplit, Split, open_split
 from vtab.evaluation.features import (
     FeatureCache,
@@ -24,7 +24,7 @@ from vtab.evaluation.features import (
     extract_reusing,
     resolve_precision,
 )
-from vtab.evaluation.schemas import BackboneConfig
+from vtab.evaluation.schemas import BackboneConfig, LayerConfig
 
 FIELDS = {"backbone": {"source": "test", "name": "toy", "weights_id": "random-seed0"},
           "data": {"dataset": "toy", "split": "train800", "split_sha256": "00"}}
@@ -37,23 +37,29 @@ class Counting:
         self.calls = 0
         self.delay = delay
 
-    def __call__(self) -> FeatureSet:
+    def __call__(self, names: list[str]) -> dict[str, FeatureSet]:
         self.calls += 1
         time.sleep(self.delay)
-        return FeatureSet(torch.arange(12.0).view(4, 3), torch.tensor([0, 1, 1, 0]),
-                          ["a", "b", "c", "d"], {"missing_keys": 2})
+        return {name: FeatureSet(torch.arange(12.0).view(4, 3), ["a", "b", "c", "d"],
+                                 {"missing_keys": 2}) for name in names}
+
+
+def one(cache: FeatureCache, compute: Counting) -> tuple[FeatureSet, bool]:
+    """The cache's answer for a single entry (FIELDS)."""
+    found, hits = cache.get_or_compute({"output": FIELDS}, compute)
+    return found["output"], hits["output"]
 
 
 def assert_same(a: FeatureSet, b: FeatureSet) -> None:
-    assert torch.equal(a.features, b.features) and torch.equal(a.labels, b.labels)
+    assert torch.equal(a.features, b.features)
     assert (a.paths, a.meta) == (b.paths, b.meta)
 
 
 def test_second_call_hits_without_computing(tmp_path: Path) -> None:
     cache, compute = FeatureCache(tmp_path), Counting()
-    first, hit = cache.get_or_compute(FIELDS, compute)
+    first, hit = one(cache, compute)
     assert not hit
-    second, hit = cache.get_or_compute(FIELDS, compute)
+    second, hit = one(cache, compute)
     assert hit and compute.calls == 1
     assert_same(first, second)
     key = cache.key(FIELDS)
@@ -71,7 +77,7 @@ def test_key_depends_on_every_field() -> None:
 def test_damaged_entry_is_detected_and_recomputed(tmp_path: Path, damage: str,
                                                   caplog: pytest.LogCaptureFixture) -> None:
     cache, compute = FeatureCache(tmp_path), Counting()
-    cache.get_or_compute(FIELDS, compute)
+    one(cache, compute)
     key = cache.key(FIELDS)
     payload = tmp_path / key[:2] / f"{key}.pt"
     data = bytearray(payload.read_bytes())
@@ -83,20 +89,20 @@ def test_damaged_entry_is_detected_and_recomputed(tmp_path: Path, damage: str,
     else:
         payload.unlink()
     with caplog.at_level(logging.WARNING):
-        again, hit = cache.get_or_compute(FIELDS, compute)
+        again, hit = one(cache, compute)
     assert not hit and compute.calls == 2
     assert str(payload) in caplog.text
-    assert_same(again, compute())
+    assert_same(again, compute(["output"])["output"])
     assert cache.load(key) is not None  # rewritten whole
 
 
 def test_missing_manifest_is_a_miss(tmp_path: Path) -> None:
     cache, compute = FeatureCache(tmp_path), Counting()
-    cache.get_or_compute(FIELDS, compute)
+    one(cache, compute)
     key = cache.key(FIELDS)
     (tmp_path / key[:2] / f"{key}.json").unlink()
     assert cache.load(key) is None
-    assert cache.get_or_compute(FIELDS, compute)[1] is False and compute.calls == 2
+    assert one(cache, compute)[1] is False and compute.calls == 2
 
 
 def test_concurrent_requests_compute_once(tmp_path: Path) -> None:
@@ -105,7 +111,7 @@ def test_concurrent_requests_compute_once(tmp_path: Path) -> None:
 
     def ask() -> None:
         # Each thread has its own cache object, as separate runners would.
-        hits.append(FeatureCache(tmp_path).get_or_compute(FIELDS, compute)[1])
+        hits.append(one(FeatureCache(tmp_path), compute)[1])
 
     threads = [threading.Thread(target=ask) for _ in range(3)]
     for thread in threads:
@@ -127,7 +133,7 @@ def test_a_lock_holder_that_stopped_does_not_hang_the_others(
     caplog.set_level(logging.INFO, logger="vtab.evaluation.features")
     started = time.monotonic()
     try:
-        _, hit = cache.get_or_compute(FIELDS, compute)
+        _, hit = one(cache, compute)
     finally:
         stopped.release()
     assert not hit and compute.calls == 1
@@ -142,7 +148,7 @@ def test_a_slow_holder_that_shows_life_is_waited_for(tmp_path: Path) -> None:
     hits: list[bool] = []
 
     def ask() -> None:
-        hits.append(FeatureCache(tmp_path, patience=0.6).get_or_compute(FIELDS, compute)[1])
+        hits.append(one(FeatureCache(tmp_path, patience=0.6), compute)[1])
 
     threads = [threading.Thread(target=ask) for _ in range(2)]
     for thread in threads:
@@ -156,43 +162,68 @@ def test_a_slow_holder_that_shows_life_is_waited_for(tmp_path: Path) -> None:
 def test_extraction_matches_a_direct_forward(digits_root: Path) -> None:
     split = open_split(digits_root, "digits", "val200", key="data.eval_split")
     split = dataclasses.replace(split, entries=split.entries[:13])
-    backbone = create_backbone(BackboneConfig(name="resnet18"))
+    spec = resolve_backbone(BackboneConfig(name="resnet18"))
+    backbone = build_backbone(spec)
     transform = TransformSpec(32)
-    found = extract_features(backbone.model, split, transform, batch_size=5)  # uneven batches
+    layers = [LayerConfig(), LayerConfig(name="layer4", pool="avg"),
+              LayerConfig(name="layer3", pool="avgpool2d", kernel_size=2)]
+    found = extract_features(backbone.model, layers, source_of(spec), split, transform,
+                             batch_size=5)  # uneven batches
     images = torch.stack([image for image, _, _ in ImageSplit(split, transform.build())])
     with torch.inference_mode():
         expected = backbone.model(images)
-    assert found.features.dtype == torch.float32 and found.features.shape == (13, 512)
-    torch.testing.assert_close(found.features, expected)
-    assert found.labels.tolist() == split.labels and found.paths == split.paths
-    fields = cache_fields({"name": "resnet18"}, transform, split, "fp32")
+        # By hand: layer3's map [13, 256, 2, 2] through the modules up to it.
+        model = backbone.model
+        stem = model.maxpool(model.relu(model.bn1(model.conv1(images))))
+        layer3 = model.layer3(model.layer2(model.layer1(stem)))
+    assert list(found) == ["output", "layer4:avg", "layer3:avgpool2s2p0"]
+    output = found["output"]
+    assert output.features.dtype == torch.float32 and output.features.shape == (13, 512)
+    torch.testing.assert_close(output.features, expected)
+    # ResNet's own pooling is the global average of layer4.
+    torch.testing.assert_close(found["layer4:avg"].features, expected)
+    torch.testing.assert_close(found["layer3:avgpool2s2p0"].features,
+                               torch.nn.functional.avg_pool2d(layer3, 2).flatten(1))
+    assert output.paths == split.paths
+    fields = cache_fields({"name": "resnet18"}, transform, split, "fp32", layers[0])
     assert fields["data"] == {"dataset": "digits", "split": "val200", "split_sha256": split.sha256}
-    assert fields["transform"]["image_size"] == 32
+    assert fields["transform"]["image_size"] == 32 and fields["feature"] == "pooled"
+    assert cache_fields({"name": "resnet18"}, transform, split, "fp32", layers[2])["feature"] == {
+        "name": "layer3", "pool": "avgpool2d", "kernel_size": 2, "stride": None, "padding": 0}
 
 
 def test_extraction_reuses_rows_of_donor_sets_and_forwards_the_rest(digits_root: Path) -> None:
     split = open_split(digits_root, "digits", "train800val200", key="data.train_split")
     split = split.subset([0, 1, 2, 800, 801])  # three train800 images, two val200 images
-    backbone = create_backbone(BackboneConfig(name="resnet18"))
+    spec = resolve_backbone(BackboneConfig(name="resnet18"))
+    backbone = build_backbone(spec)
     transform = TransformSpec(32)
+    layers = [LayerConfig(), LayerConfig(name="layer3", pool="avg")]
+    labels = [layer.label() for layer in layers]
     asked: list[list[str]] = []
 
-    def extract(part: Split) -> FeatureSet:
+    def extract(part: Split) -> dict[str, FeatureSet]:
         asked.append(part.paths)
-        found = extract_features(backbone.model, part, transform)
-        found.meta = {"missing_keys": 0}
+        found = extract_features(backbone.model, layers, source_of(spec), part, transform)
+        for features in found.values():
+            features.meta = {"missing_keys": 0}
         return found
 
     direct = extract(split)
     donor = extract(split.subset([1, 0]))  # another split holding two of the images
+    other = extract(split.subset([2]))  # a third holding a third image, of one layer only
     asked.clear()
-    found = extract_reusing(split, [donor], extract)
-    assert asked == [[split.paths[i] for i in (2, 3, 4)]]  # only the images the donor lacks
-    assert found.meta == {"missing_keys": 0, "forwarded": 3, "reused": 2}
-    assert found.paths == split.paths and torch.equal(found.labels, direct.labels)
-    torch.testing.assert_close(found.features, direct.features)
+    found = extract_reusing(split, labels, {"output": [donor["output"], other["output"]],
+                                            "layer3:avg": [donor["layer3:avg"]]}, extract)
+    # Only the images some layer lacks, once for both layers: image 2 is there for one only.
+    assert asked == [[split.paths[i] for i in (2, 3, 4)]]
+    for label in labels:
+        assert found[label].meta == {"missing_keys": 0, "forwarded": 3, "reused": 2}
+        assert found[label].paths == split.paths
+        torch.testing.assert_close(found[label].features, direct[label].features)
 
-    assert extract_reusing(split, [found], extract).meta["forwarded"] == 0
+    again = extract_reusing(split, labels, {label: [found[label]] for label in labels}, extract)
+    assert again["output"].meta["forwarded"] == 0
     assert len(asked) == 1  # nothing left to forward
 
 

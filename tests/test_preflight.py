@@ -53,15 +53,44 @@ def test_plan_of_a_good_pipeline_prints_its_tree(tmp_path: Path, digits_root: Pa
     assert err == ""
 
 
+def test_plan_checks_layers_pooling_and_k_on_the_model(
+        tmp_path: Path, digits_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Layer names and pooling are checked on the backbone (random weights, one blank image)
+    and the largest k against the training split, every problem at once, before queuing."""
+    doc = probe_job(digits_root, features={"image_size": 16, "layers": [
+        {"name": "layer9", "pool": "avg"}, {"name": "layer3", "pool": "cls"},
+        {"name": "layer4", "pool": "avgpool2d", "kernel_size": 4}, {"name": "layer2",
+                                                                    "pool": "avg"}]})
+    code, _, err = plan(tmp_path / "p.yaml", doc, capsys)
+    assert code == 1
+    for expected in ("key 'features.layers[0].name': the model has no layer 'layer9' (did you "
+                     "mean layer4, layer3, layer2?); its layers include conv1, bn1, relu",
+                     "key 'features.layers[1].pool': cls needs tokens [batch, tokens, dim]; "
+                     "layer layer3 gives [batch, 256, 1, 1]",
+                     "key 'features.layers[2].kernel_size': 4 is larger than layer layer4's "
+                     "map [batch, 512, 1, 1]"):
+        assert expected in err
+    assert "layers[3]" not in err
+    del doc["config"]["optim"]
+    doc["config"]["features"] = {"image_size": 16}
+    doc["config"]["head"] = {"kind": "knn", "k": [10, 900]}
+    doc["stages"]["tune"]["grid"] = {"head.temperature": [0.05, 0.1]}
+    code, _, err = plan(tmp_path / "p.yaml", doc, capsys)
+    assert code == 1
+    assert ("key 'head.k': 900 neighbours asked, but digits's train800 has 800 examples "
+            "(in 2 jobs, e.g. p__tune__temperature=0.05)") in err
+    assert "train800val200" not in err  # 1000 examples there: the final run is fine
+
+
 def test_plan_lists_every_problem_at_once(tmp_path: Path, digits_root: Path,
                                           capsys: pytest.CaptureFixture[str]) -> None:
-    doc = probe_job(digits_root, head={"kind": "mlp"})
+    doc = probe_job(digits_root, head={"kind": "mpl"})
     doc["config"]["optim"]["weight_decy"] = 0.01
     doc["stages"]["test"]["hyperparams"]["data.root"] = str(tmp_path / "nonexistent")
     doc["stages"]["test"]["hyperparams"]["backbone.weights"] = str(tmp_path / "gone.pth")
     code, _, err = plan(tmp_path / "p.yaml", doc, capsys)
     assert code == 1
-    for expected in ("key 'head.kind': unknown head kind 'mlp'",
+    for expected in ("key 'head.kind': unknown head kind 'mpl'",
                      "key 'optim.weight_decy': unknown key (did you mean 'weight_decay'?)",
                      "(in 3 jobs, e.g. p__tune__lr=0.1)"):
         assert expected in err

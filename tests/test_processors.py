@@ -115,3 +115,49 @@ def test_a_missing_grid_stage_names_the_processor_option(area: WorkArea) -> None
     with pytest.raises(ConfigError, match="no children were forked") as info:
         _run(area, "aggregate", _lr_children({0.1: 0.5}), grid_stage="final")
     assert info.value.key == "stages.step.processor.grid_stage"
+
+
+def _layered(n: int, results: dict[str, float], **point: Any) -> dict[str, Any]:
+    """A child reporting one result per layer (variants), each with the setting that picks it."""
+    variants = {name: {"result": r, "metrics": {"top1": r},
+                       "setting": {"features.layers": [{"name": name, "pool": "avg"}]}}
+                for name, r in results.items()}
+    return {"id": f"p__{n}", "point": point, "config": dict(point), "variants": variants}
+
+
+def test_select_best_ranks_each_variant_as_a_setting(area: WorkArea) -> None:
+    children = [_layered(0, {"layer3": 0.6, "layer4": 0.8}, lr=0.1, seed=0),
+                _layered(1, {"layer3": 0.7, "layer4": 0.6}, lr=0.1, seed=1),
+                _layered(2, {"layer3": 0.9, "layer4": 0.2}, lr=0.2, seed=0),
+                _layered(3, {"layer3": 0.7, "layer4": 0.1}, lr=0.2, seed=1)]
+    doc = _run(area, "select_best", children)
+    # Means over seeds: lr 0.1: layer3 0.65, layer4 0.7; lr 0.2: layer3 0.8, layer4 0.15.
+    best = {"lr": 0.2, "features.layers": [{"name": "layer3", "pool": "avg"}]}
+    assert doc["selected"] == best
+    assert doc["config"] == {"lr": 0.2, "features": {"layers": [{"name": "layer3",
+                                                                 "pool": "avg"}]}}
+    assert [(row["setting"], row["mean"]) for row in doc["tuning"]] == [
+        ({"lr": 0.1, "features.layers": [{"name": "layer3", "pool": "avg"}]}, pytest.approx(0.65)),
+        ({"lr": 0.1, "features.layers": [{"name": "layer4", "pool": "avg"}]}, pytest.approx(0.7)),
+        (best, pytest.approx(0.8)),
+        ({"lr": 0.2, "features.layers": [{"name": "layer4", "pool": "avg"}]},
+         pytest.approx(0.15))]
+    ranked_by_metric = _run(area, "select_best", children, metric="metrics.top1")
+    assert ranked_by_metric["selected"] == best
+
+
+def test_aggregate_averages_each_variant_over_seeds(area: WorkArea) -> None:
+    children = [_layered(0, {"layer3": 0.6, "layer4": 0.8}, seed=0),
+                _layered(1, {"layer3": 0.8, "layer4": 0.6}, seed=1)]
+    doc = _run(area, "aggregate", children)
+    assert "result" not in doc
+    assert doc["variants"]["layer3"]["result"] == pytest.approx(0.7)
+    assert doc["variants"]["layer3"]["std"] == pytest.approx(0.1)
+    assert doc["variants"]["layer4"]["metrics"]["top1"]["mean"] == pytest.approx(0.7)
+    assert doc["seeds"] == {0: {"layer3": 0.6, "layer4": 0.8}, 1: {"layer3": 0.8, "layer4": 0.6}}
+
+
+def test_aggregate_refuses_children_with_different_variants(area: WorkArea) -> None:
+    children = [_layered(0, {"layer3": 0.6}, seed=0), _layered(1, {"layer4": 0.6}, seed=1)]
+    with pytest.raises(VtabError, match="report different variants"):
+        _run(area, "aggregate", children)

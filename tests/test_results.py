@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
+from vtab import yamlio
 from vtab.results import (
     build_table,
     compact_setting,
@@ -176,6 +177,25 @@ def test_compact_setting_shortens_keys_unless_ambiguous() -> None:
     assert compact_setting({"optim.lr": 0.01, "optim.weight_decay": 0.0}) == "lr=0.01 wd=0"
     assert compact_setting({"head.dropout": 0.1, "backbone.dropout": 0.0, "epochs": 10}) == \
         "head.dropout=0.1 backbone.dropout=0 epochs=10"
+    layer = {"name": "layer3", "pool": "avgpool2d", "kernel_size": 2, "stride": None}
+    assert compact_setting({"features.layers": [layer], "head.k": [20]}) == \
+        "layers=layer3:avgpool2d:2 k=20"
+
+
+def test_a_summary_with_variants_gives_a_row_per_variant(tmp_path: Path) -> None:
+    entry = {"variants": {"layer3:avg": {"result": 0.5, "std": 0.1, "metrics": {}},
+                          "output": {"result": 0.75, "std": 0.0, "metrics": {}}},
+             "evaluated_on": {"split": "test", "metric": "top1"}}
+    folder = tmp_path / "layers"
+    folder.mkdir()
+    yamlio.write_mapping(folder / "summary.yaml", {
+        "pipeline": "layers", "metric": "top1", "split": "test", "backbone": {"name": "r"},
+        "datasets": {"cifar": entry, "dtd": {**entry, "variants": {
+            "output": {"result": 0.25, "std": 0.0}}}}})
+    rows = {r.pipeline: {d: s.mean for d, s in r.scores.items()}
+            for r in load_summaries(tmp_path).results}
+    assert rows == {"layers [layer3:avg]": {"cifar": 0.5},
+                    "layers [output]": {"cifar": 0.75, "dtd": 0.25}}
 
 
 def test_transpose_puts_datasets_in_rows(root: Path) -> None:

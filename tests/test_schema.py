@@ -38,14 +38,37 @@ def test_a_good_config_gets_every_default_filled_in() -> None:
     dumped = validate(LinearProbeConfig, GOOD).model_dump(mode="json")
     assert dumped == {
         "dataset": "digits",
-        "data": {"root": "/data", "train_split": "train800", "eval_split": "val200"},
+        "data": {"root": "/data", "train_split": "train800", "eval_split": "val200",
+                 "task": "single_label"},
         "backbone": {"name": "resnet18", "source": "torchvision", "weights": "none"},
-        "features": {"image_size": None, "batch_size": 64, "precision": "auto"},
+        "features": {"image_size": None, "batch_size": 64, "precision": "auto",
+                     "layers": [{"name": "output", "pool": "none"}]},
         "head": {"kind": "linear", "feature_norm": "standardize"},
         "optim": {"name": "sgd", "lr": 0.1, "weight_decay": 0.0, "epochs": 3,
                   "batch_size": 128, "warmup_epochs": 0, "momentum": 0.9},
         "seed": 0, "metric": "top1"}
     assert validate(LinearProbeConfig, dumped).model_dump(mode="json") == dumped  # a fixpoint
+
+
+@pytest.mark.parametrize("head", [
+    {"kind": "knn", "votes": "uniform", "k": [3]}, {"kind": "logreg"}, {"kind": "svm"},
+    {"kind": "mlp", "hidden": [8, 4], "dropout": 0.5}, {"kind": "bn_linear"}])
+def test_every_head_records_only_what_it_reads(head: dict[str, Any]) -> None:
+    """run_config is the dump: no optim or seed where the head reads none, no temperature with
+    uniform votes; read back, it is the same config (a fixpoint)."""
+    config = {**GOOD, "head": head,
+              "features": {"layers": [{"name": "layer3", "pool": "avgpool2d", "kernel_size": 2},
+                                      {"name": "last_blocks", "blocks": 4, "pool": "cls"}]}}
+    if head["kind"] in ("knn", "logreg", "svm"):
+        del config["optim"]
+    dumped = validate(LinearProbeConfig, config).model_dump(mode="json")
+    assert ("optim" in dumped) == (head["kind"] in ("mlp", "bn_linear"))
+    assert ("seed" in dumped) == (head["kind"] in ("mlp", "bn_linear"))
+    assert "temperature" not in dumped["head"]
+    assert dumped["features"]["layers"] == [
+        {"name": "layer3", "pool": "avgpool2d", "kernel_size": 2, "stride": None, "padding": 0},
+        {"name": "last_blocks", "pool": "cls", "blocks": 4}]
+    assert validate(LinearProbeConfig, dumped).model_dump(mode="json") == dumped
 
 
 @pytest.mark.parametrize(("change", "expected"), [
@@ -57,7 +80,25 @@ def test_a_good_config_gets_every_default_filled_in() -> None:
      [("optim.momentum", "read only when optim.name is sgd, not adamw")]),
     ({"optim.name": "adamm"}, [("optim.name", "unknown optimizer 'adamm' (did you mean "
                                               "'adamw'?); known: sgd, adamw")]),
-    ({"head.kind": "mlp"}, [("head.kind", "unknown head kind 'mlp'; known: linear")]),
+    ({"head.kind": "mpl"}, [("head.kind", "unknown head kind 'mpl' (did you mean 'mlp'?); "
+                                          "known: linear, bn_linear, mlp, logreg, svm, knn")]),
+    ({"head": {"kind": "knn"}, "optim.lr": 0},
+     [("optim", "is not read by head.kind knn, which is fitted to convergence; remove it")]),
+    ({"head": {"kind": "svm"}, "seed": 3, "optim.lr": 0},
+     [("optim", "is not read by head.kind svm"), ("seed", "is not read by head.kind svm")]),
+    ({"head": {"kind": "logreg", "c": 0.1}}, [("optim", "is not read by head.kind logreg")]),
+    ({"features.layers": [{"name": "layer3", "pool": "avgpool2d", "stride": 2}]},
+     [("features.layers[0].kernel_size", "is required with pool avgpool2d")]),
+    ({"features.layers": [{"name": "layer3", "pool": "avg", "blocks": 2}]},
+     [("features.layers[0].blocks", "is read only with name last_blocks")]),
+    ({"features.layers": [{"name": "output", "pool": "avg"}]},
+     [("features.layers[0].pool", "the output layer is pooled by the backbone already")]),
+    ({"features.layers": [{"name": "layer3", "pool": "avg"}, {"name": "layer3", "pool": "avg"}]},
+     [("features.layers", "the same layer and pooling twice: layer3:avg")]),
+    ({"features.layers": []}, [("features.layers", "at least 1 item")]),
+    ({"metric": "map"}, [("metric", "map is not a single_label metric; use one of top1, top5")]),
+    ({"data.task": "multi_label"},
+     [("metric", "top1 is not a multi_label metric; use one of map, map_voc07")]),
     ({"head": ["linear"]}, [("head", "expected a mapping, got list ['linear']")]),
     ({"optim.lr": "0.1"}, [("optim.lr", "expected a number, got str '0.1'")]),
     ({"optim.lr": 0}, [("optim.lr", "must be greater than 0, got 0")]),
@@ -66,7 +107,8 @@ def test_a_good_config_gets_every_default_filled_in() -> None:
     ({"seed": True}, [("seed", "expected an integer, got bool True")]),
     ({"optim.momentum": 1.0}, [("optim.momentum", "must be less than 1, got 1.0")]),
     ({"optim.warmup_epochs": 5}, [("optim.warmup_epochs", "must not exceed optim.epochs (3)")]),
-    ({"metric": "acc"}, [("metric", "must be one of top1, top5, balanced_accuracy, macro_f1")]),
+    ({"metric": "acc"}, [("metric", "must be one of top1, top5, balanced_accuracy, macro_f1, "
+                                    "map, map_voc07")]),
     ({"data.eval_split": "../../secret"}, [("data.eval_split", "is not a plain name")]),
     ({"dataset": "a/b"}, [("dataset", "is not a plain name")]),
     ({"data": None}, [("data", "expected a mapping, got NoneType None")]),
@@ -88,7 +130,8 @@ def test_a_missing_section_and_a_key_of_another_kind() -> None:
         validate(LinearProbeConfig, config,
                  elsewhere={"job kind 'sleep'": KINDS.get("sleep").schema})
     assert [(p.key, p.message) for p in caught.value.problems] == [
-        ("optim", "is required but missing"),
+        ("optim", "is required: head.kind linear is trained by gradient descent "
+                  "(optim.name, optim.lr, optim.epochs)"),
         ("sleep", "unknown key here: it is read by job kind 'sleep'")]
 
 
@@ -123,13 +166,19 @@ def test_the_schema_choices_are_what_the_engine_implements(digits_root: Path) ->
     import torch
 
     from vtab.evaluation.backbones import _SOURCES
-    from vtab.evaluation.metrics import classification_metrics
+    from vtab.evaluation.heads import known_heads
+    from vtab.evaluation.metrics import TASKS
+    from vtab.evaluation.schemas import HEAD_SECTIONS, METRICS_OF_TASK
 
     sources = get_args(BackboneConfig.model_fields["source"].annotation)
     assert set(sources) == set(_SOURCES)
     logits = torch.randn(20, 7)
-    computed = classification_metrics(logits, logits.argmax(1), 7)
-    assert set(METRICS) == set(computed)
+    single = TASKS["single_label"].evaluate(logits, logits.argmax(1), 7, 7).metrics
+    multi = TASKS["multi_label"].evaluate(logits, (logits > 0).to(torch.int8), 7, 7).metrics
+    assert (set(single), set(multi)) == (set(METRICS_OF_TASK["single_label"]),
+                                         set(METRICS_OF_TASK["multi_label"]))
+    assert set(METRICS) == set(single) | set(multi)
+    assert sorted(s.model_fields["kind"].default for s in HEAD_SECTIONS) == known_heads()
 
 
 def test_run_config_records_what_the_kind_read(area: WorkArea) -> None:

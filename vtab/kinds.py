@@ -27,7 +27,7 @@ def _complete_linear_probe(config: LinearProbeConfig, device: str) -> LinearProb
 @register_kind("linear_probe", LinearProbeConfig, inspect=_inspect_linear_probe,
                complete=_complete_linear_probe)
 def linear_probe(config: LinearProbeConfig, ctx: StageContext) -> dict[str, Any]:
-    """Frozen backbone features (cached) and a linear head trained on them."""
+    """Frozen backbone features (cached) of one or more layers, and a head trained on each."""
     _check_trusted(config, ctx.trusted_modules)
     probe = _import_probe()
     try:

@@ -423,11 +423,14 @@ def expand_grid(grid: Mapping[str, Any], key: str, limit: int) -> list[dict[str,
 def point_label(stage: str, point: Mapping[str, Any], axes: list[str]) -> str:
     """A readable, deterministic file-name fragment for one grid point.
 
-    A point of strings only (a dataset name) is its values; anything else is
-    ``<stage>__<leaf>=<value>_...`` over the swept axes.
+    A point of strings only (a dataset name) is its values; a grid without axes (fixed values
+    only, one point) is the stage's name; anything else is ``<stage>__<leaf>=<value>_...``
+    over the swept axes.
     """
     values = [point[a] for a in axes]
-    if values and all(isinstance(v, str) for v in values):
+    if not values:
+        text = stage
+    elif all(isinstance(v, str) for v in values):
         text = "_".join(values)
     else:
         text = stage + "__" + "_".join(f"{a.rsplit('.', 1)[-1]}={_fmt(point[a])}" for a in axes)

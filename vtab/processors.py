@@ -36,8 +36,8 @@ from vtab.provenance import now_iso
 from vtab.schema import Field, Section
 from vtab.workarea import OUTPUTS, SUMMARIZED, WorkArea, describe_owner
 
-SUMMARY_KEYS = ("result", "std", "seeds", "metrics", "evaluated_on", "selected", "selected_on",
-                "tuning")
+SUMMARY_KEYS = ("result", "std", "seeds", "metrics", "variants", "evaluated_on", "selected",
+                "selected_on", "tuning")
 
 
 def _where(doc: Mapping[str, Any]) -> str:
@@ -179,6 +179,41 @@ def _one_per_key(doc: Mapping[str, Any], what: str, hint: str,
     return out
 
 
+def _scored_settings(child: Mapping[str, Any], point: dict[str, Any]) -> list[
+        tuple[dict[str, Any], Mapping[str, Any]]]:
+    """(setting, what holds its result) of a child: its grid point, or one per variant of its
+    result (a layer, a k), the variant's own config setting added to the point."""
+    variants = child.get("variants")
+    if variants is None:
+        return [(point, child)]
+    if not isinstance(variants, Mapping):
+        raise VtabError(f"child job {child.get('id')}: variants must be a mapping")
+    return [({**point, **(scored.get("setting") or {})}, {**scored, "id": child.get("id")})
+            for scored in variants.values() if isinstance(scored, Mapping)]
+
+
+def _variant_names(children: list[dict[str, Any]]) -> list[str] | None:
+    """The variant names all `children` report, or None when none reports variants."""
+    names = [tuple(c["variants"]) if isinstance(c.get("variants"), Mapping) else None
+             for c in children]
+    if not any(names):
+        return None
+    if len(set(names)) != 1:
+        raise VtabError(f"the children {', '.join(c['id'] for c in children)} report different "
+                        "variants (layers, k): they cannot be averaged")
+    return list(names[0])
+
+
+def _mean_std_of(children: list[Mapping[str, Any]]) -> dict[str, Any]:
+    """Mean and std of the result and of each metric over `children` (one per seed)."""
+    mean, std = _mean_std([_value(c, "result") for c in children])
+    metrics = {}
+    for name in sorted({m for c in children for m in (c.get("metrics") or {})}):
+        m_mean, m_std = _mean_std([_value(c, f"metrics.{name}") for c in children])
+        metrics[name] = {"mean": m_mean, "std": m_std}
+    return {"result": mean, "std": std, "metrics": metrics}
+
+
 @register_processor("select_best", SelectBestOptions, foresee=_foresee)
 def select_best(doc: dict[str, Any], options: SelectBestOptions, ctx: StageContext) -> None:
     """Pick the setting with the best mean over seeds; ties go to the first in grid order.
@@ -189,9 +224,10 @@ def select_best(doc: dict[str, Any], options: SelectBestOptions, ctx: StageConte
     groups: dict[tuple[tuple[str, str], ...], tuple[dict[str, Any], list[float]]] = {}
     children = _children(doc, options, ctx)
     for child in children:
-        setting = {k: v for k, v in child.get("point", {}).items() if k != seed_key}
-        key = tuple((k, repr(v)) for k, v in setting.items())
-        groups.setdefault(key, (setting, []))[1].append(_value(child, metric))
+        point = {k: v for k, v in child.get("point", {}).items() if k != seed_key}
+        for setting, scored in _scored_settings(child, point):
+            key = tuple((k, repr(v)) for k, v in setting.items())
+            groups.setdefault(key, (setting, []))[1].append(_value(scored, metric))
     tuning = []
     for setting, values in groups.values():
         mean, std = _mean_std(values)
@@ -215,19 +251,23 @@ def aggregate(doc: dict[str, Any], options: AggregateOptions, ctx: StageContext)
     """Mean and std over the seeds of the final runs, one child per seed."""
     seed_key = options.seed_key
     children = _children(doc, options, ctx)
-    results = [_value(c, "result") for c in children]
-    seeds = _one_per_key(
+    names = _variant_names(children)
+
+    def results_of(child: Mapping[str, Any]) -> Any:
+        if names is None:
+            return _value(child, "result")
+        return {name: _value({**child["variants"][name], "id": child["id"]}, "result")
+                for name in names}
+
+    doc["seeds"] = _one_per_key(
         doc, seed_key, "aggregate averages over seeds only; sweep only the seed in its grid",
-        [(get_path(c, f"config.{seed_key}", c["id"]), c["id"], r)
-         for c, r in zip(children, results, strict=True)])
-    doc["result"], doc["std"] = _mean_std(results)
-    doc["seeds"] = seeds
+        [(get_path(c, f"config.{seed_key}", c["id"]), c["id"], results_of(c)) for c in children])
     doc["evaluated_on"] = _evaluated_on_all(doc, children)
-    names = sorted({m for c in children for m in (c.get("metrics") or {})})
-    doc["metrics"] = {}
-    for name in names:
-        mean, std = _mean_std([_value(c, f"metrics.{name}") for c in children])
-        doc["metrics"][name] = {"mean": mean, "std": std}
+    if names is None:
+        doc.update(_mean_std_of(children))
+        return
+    doc["variants"] = {name: _mean_std_of([{**c["variants"][name], "id": c["id"]}
+                                           for c in children]) for name in names}
 
 
 def evaluated_on(job: Mapping[str, Any]) -> dict[str, Any]:

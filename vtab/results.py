@@ -113,7 +113,7 @@ def load_summaries(root: Path, pattern: str | None = None) -> Loaded:
             loaded.pending.append(folder.name)
             continue
         try:
-            loaded.results.append(read_summary(path))
+            loaded.results.extend(read_summary(path))
         except (VtabError, OSError) as exc:
             loaded.problems.append(str(exc))
     return loaded
@@ -126,18 +126,33 @@ def _is_pipeline_folder(folder: Path, pattern: str | None) -> bool:
     return not pattern or fnmatch.fnmatchcase(folder.name, pattern)
 
 
-def read_summary(path: Path) -> PipelineResult:
-    """Read one summary; raises `VtabError` naming the file (and the key when a key is wrong)."""
+def read_summary(path: Path) -> list[PipelineResult]:
+    """Read one summary: one result, or one per variant (layer, k) when its datasets report
+    several; raises `VtabError` naming the file (and the key when a key is wrong)."""
     try:
         return _parse_summary(load_mapping(path, follow_link=True), path.parent.name)
     except ConfigError as exc:
         raise exc.in_file(str(path)) from None
 
 
-def _parse_summary(data: dict[str, Any], pipeline: str) -> PipelineResult:
+def _parse_summary(data: dict[str, Any], pipeline: str) -> list[PipelineResult]:
     datasets = _get(data, "datasets", dict, "a mapping of dataset name to results")
     entries = {_dataset_name(name): _get(datasets, name, dict, "a mapping", "datasets")
                for name in datasets}
+    variants: dict[str, dict[str, dict[str, Any]]] = {}
+    for name, entry in entries.items():
+        for variant in _get(entry, "variants", dict, "a mapping", f"datasets.{name}", {}):
+            found = _get(entry["variants"], variant, dict, "a mapping",
+                         f"datasets.{name}.variants")
+            variants.setdefault(str(variant), {})[name] = {**entry, **found}
+    if not variants:
+        return [_pipeline_result(data, pipeline, entries)]
+    return [_pipeline_result(data, f"{pipeline} [{variant}]", scored)
+            for variant, scored in variants.items()]
+
+
+def _pipeline_result(data: dict[str, Any], pipeline: str,
+                     entries: dict[str, dict[str, Any]]) -> PipelineResult:
     return PipelineResult(
         pipeline=pipeline,
         backbone=_get(data, "backbone", dict, "a mapping", default={}),
@@ -432,7 +447,15 @@ def compact_setting(setting: dict[str, Any]) -> str:
 
 
 def _compact_value(value: Any) -> str:
-    return f"{value:g}" if isinstance(value, float) else str(value)
+    """A number in its shortest form; a list's items joined by commas; a mapping's values
+    joined by colons (a layer ``{name: layer3, pool: avg}`` reads ``layer3:avg``)."""
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, list):
+        return ",".join(map(_compact_value, value))
+    if isinstance(value, dict):
+        return ":".join(_compact_value(v) for v in value.values() if v is not None)
+    return str(value)
 
 
 # ---------------------------------------------------------------------------------------------

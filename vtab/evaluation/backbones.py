@@ -27,6 +27,7 @@ from urllib.parse import urlparse
 import torch
 import torchvision
 from torch import nn
+from torchvision.models import feature_extraction
 
 from vtab.errors import Advice, ConfigError, RunnerEnvironmentError
 from vtab.evaluation.schemas import BackboneConfig
@@ -97,6 +98,14 @@ class Source:
     def strip_classifier(self, model: nn.Module) -> int | None:
         """Remove the classifier in place; return the feature size when known without a forward."""
         return _strip_classifier(model)
+
+    def node_names(self, model: nn.Module) -> list[str]:
+        """The names of the model's layers whose outputs `feature_extractor` can return."""
+        return feature_extraction.get_graph_node_names(model)[1]
+
+    def feature_extractor(self, model: nn.Module, nodes: list[str]) -> nn.Module:
+        """A module whose forward returns ``{node: output}`` for `nodes`, from one pass."""
+        return feature_extraction.create_feature_extractor(model, {n: n for n in nodes})
 
 
 _SOURCES: dict[str, Source] = {}
@@ -208,6 +217,13 @@ class TimmSource(Source):
         model.reset_classifier(0)
         return None  # num_features is not the pooled size for every timm model: measure it
 
+    # timm's versions know which of its modules to keep whole when tracing.
+    def node_names(self, model: nn.Module) -> list[str]:
+        return self._timm().models.get_graph_node_names(model)[1]
+
+    def feature_extractor(self, model: nn.Module, nodes: list[str]) -> nn.Module:
+        return self._timm().models.create_feature_extractor(model, {n: n for n in nodes})
+
 
 @register_source("module")
 class ModuleSource(Source):
@@ -289,6 +305,10 @@ def _build(source: Source, spec: BackboneSpec) -> nn.Module:
             f"cannot fetch the weights {spec.weights_id}{place}: {type(exc).__name__}: "
             f"{reason}. This machine cannot reach the weights' host (or cannot store them). "
             f"{_OFFLINE_HINT}") from exc
+
+
+def source_of(spec: BackboneSpec) -> Source:
+    return _source(spec.source)
 
 
 def _source(name: str) -> Source:

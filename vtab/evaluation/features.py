@@ -21,7 +21,7 @@ import socket
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,11 +34,14 @@ from torchvision import transforms
 from tqdm import tqdm
 
 from vtab.errors import DataError
+from vtab.evaluation.backbones import Source
 from vtab.evaluation.data import ImageSplit, Split
+from vtab.evaluation.extract import LayerExtractor
+from vtab.evaluation.schemas import OUTPUT, LayerConfig
 from vtab.fsutil import atomic_write
 
 # Bump when the payload layout or the extraction changes in a way the key fields do not show.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: one entry per layer, no labels
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -67,8 +70,10 @@ class TransformSpec:
 
 @dataclass
 class FeatureSet:
+    """One layer's features of a split's images (labels come from the split file: the same
+    image can carry other labels in another split or task)."""
+
     features: torch.Tensor  # float32 [N, D], on the CPU
-    labels: torch.Tensor  # int64 [N]
     paths: list[str]
     meta: dict[str, Any] = field(default_factory=dict)  # plain values kept in the manifest
 
@@ -81,69 +86,84 @@ def resolve_precision(precision: str, device: str) -> str:
 
 
 def cache_fields(backbone: Mapping[str, str], transform: TransformSpec, split: Split,
-                 precision: str) -> dict[str, Any]:
-    """Everything that determines a split's features (`precision` already resolved)."""
+                 precision: str, layer: LayerConfig) -> dict[str, Any]:
+    """Everything that determines a split's features of one layer (`precision` resolved)."""
     return {
         "backbone": dict(backbone),
-        "feature": "pooled",
+        "feature": "pooled" if layer.name == OUTPUT else layer.model_dump(mode="json"),
         "transform": transform.describe(),
         "data": {"dataset": split.dataset, "split": split.name, "split_sha256": split.sha256},
         "dtype": precision,
     }
 
 
-def extract_features(model: nn.Module, split: Split, transform: TransformSpec, *,
-                     batch_size: int = 64, num_workers: int = 0, device: str = "cpu",
-                     precision: str = "auto", progress: bool = False) -> FeatureSet:
-    """Features of every image of `split`, in file order, as float32 on the CPU."""
+def extract_features(model: nn.Module, layers: Sequence[LayerConfig], source: Source,
+                     split: Split, transform: TransformSpec, *, batch_size: int = 64,
+                     num_workers: int = 0, device: str = "cpu", precision: str = "auto",
+                     progress: bool = False) -> dict[str, FeatureSet]:
+    """Every layer's features of every image of `split`, in file order, as float32 on the CPU,
+    from one forward pass per batch; by layer label."""
     dev = torch.device(device)
     cuda = dev.type == "cuda"
     memory_format = torch.channels_last if cuda else torch.preserve_format
     model = model.to(dev, memory_format=memory_format)
+    extractor = LayerExtractor(model, layers, source)
     loader = DataLoader(ImageSplit(split, transform.build()), batch_size=batch_size,
                         shuffle=False, num_workers=num_workers, pin_memory=cuda)
     bf16 = resolve_precision(precision, device) == "bf16"
-    chunks, indices = [], []
+    chunks: dict[str, list[torch.Tensor]] = {layer.label(): [] for layer in layers}
+    indices = []
     with torch.inference_mode(), torch.autocast(dev.type, torch.bfloat16, enabled=bf16):
         for images, _, index in tqdm(loader, desc=f"{split.dataset}/{split.name}",
                                      disable=not progress, leave=False):
             images = images.to(dev, non_blocking=True, memory_format=memory_format)
-            chunks.append(model(images).float().cpu())
+            for label, found in extractor(images).items():
+                chunks[label].append(found.float().cpu())
             indices.append(index)
-    stacked = torch.cat(chunks)
-    features = torch.empty_like(stacked)
-    features[torch.cat(indices)] = stacked
-    return FeatureSet(features, torch.tensor(split.labels, dtype=torch.int64), split.paths)
+    order = torch.cat(indices)
+    result = {}
+    for label, parts in chunks.items():
+        stacked = torch.cat(parts)
+        features = torch.empty_like(stacked)
+        features[order] = stacked
+        result[label] = FeatureSet(features, split.paths)
+    return result
 
 
-def extract_reusing(split: Split, donors: Iterable[FeatureSet],
-                    extract: Callable[[Split], FeatureSet]) -> FeatureSet:
-    """Features of `split`, copying the rows of images that `donors` already hold.
+def extract_reusing(split: Split, labels: Sequence[str],
+                    donors: Mapping[str, Iterable[FeatureSet]],
+                    extract: Callable[[Split], dict[str, FeatureSet]]) -> dict[str, FeatureSet]:
+    """Features of `split` for each layer label, copying the rows of images that `donors` (by
+    label) already hold.
 
     Donors must come from the same backbone, transform and precision (other splits of the same
     dataset, say train800 and val200 for train800val200), so that each image goes through the
-    backbone once for the whole protocol. Only the other images are passed to `extract`.
-    ``meta`` counts the images ``forwarded`` and ``reused``.
+    backbone once for the whole protocol. Only images some layer lacks are passed to
+    `extract`, once for all layers. ``meta`` counts the images ``forwarded`` and ``reused``.
     """
-    known: dict[str, torch.Tensor] = {}
+    known: dict[str, dict[str, torch.Tensor]] = {label: {} for label in labels}
     meta: dict[str, Any] = {}
-    for donor in donors:
-        meta = meta or dict(donor.meta)
-        for path, row in zip(donor.paths, donor.features, strict=True):
-            known.setdefault(path, row)
-    missing = [index for index, path in enumerate(split.paths) if path not in known]
+    for label in labels:
+        for donor in donors.get(label, ()):
+            meta = meta or dict(donor.meta)
+            for path, row in zip(donor.paths, donor.features, strict=True):
+                known[label].setdefault(path, row)
+    missing = [index for index, path in enumerate(split.paths)
+               if any(path not in known[label] for label in labels)]
     if len(missing) == len(split.entries):
         result = extract(split)
     else:
-        rows = [known.get(path) for path in split.paths]
-        if missing:
-            computed = extract(split.subset(missing))
-            meta = dict(computed.meta)
-            for row, index in zip(computed.features, missing, strict=True):
-                rows[index] = row
-        result = FeatureSet(torch.stack(rows), torch.tensor(split.labels, dtype=torch.int64),
-                            split.paths, meta)
-    result.meta.update(forwarded=len(missing), reused=len(split.entries) - len(missing))
+        computed = extract(split.subset(missing)) if missing else {}
+        result = {}
+        for label in labels:
+            rows = [known[label].get(path) for path in split.paths]
+            if missing:
+                meta = dict(computed[label].meta)
+                for row, index in zip(computed[label].features, missing, strict=True):
+                    rows[index] = row
+            result[label] = FeatureSet(torch.stack(rows), split.paths, dict(meta))
+    for found in result.values():
+        found.meta.update(forwarded=len(missing), reused=len(split.entries) - len(missing))
     return result
 
 
@@ -247,8 +267,7 @@ class FeatureCache:
                 self._discard(key, "sha256 does not match the manifest")
                 return None
             data = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
-            return FeatureSet(data["features"], data["labels"], data["paths"],
-                              manifest.get("meta", {}))
+            return FeatureSet(data["features"], data["paths"], manifest.get("meta", {}))
         except Exception as exc:  # a damaged entry is recomputed, whatever the damage
             self._discard(key, f"unreadable payload ({type(exc).__name__}: {exc})")
             return None
@@ -256,8 +275,7 @@ class FeatureCache:
     def store(self, key: str, fields: Mapping[str, Any], features: FeatureSet) -> None:
         """Write payload then manifest, each atomically: readers see a whole entry or none."""
         buffer = io.BytesIO()
-        torch.save({"features": features.features, "labels": features.labels,
-                    "paths": features.paths}, buffer)
+        torch.save({"features": features.features, "paths": features.paths}, buffer)
         payload = buffer.getvalue()
         self._folder(key)
         atomic_write(self._path(key, ".pt"), payload)
@@ -268,29 +286,37 @@ class FeatureCache:
                     "host": socket.gethostname()}
         atomic_write(self._path(key, ".json"), json.dumps(manifest, indent=1, sort_keys=True))
 
-    def get_or_compute(self, fields: Mapping[str, Any],
-                       compute: Callable[[], FeatureSet]) -> tuple[FeatureSet, bool]:
-        """The cached features for `fields`, else compute() stored; also whether it was a hit.
+    def get_or_compute(self, fields: Mapping[str, Mapping[str, Any]],
+                       compute: Callable[[list[str]], dict[str, FeatureSet]]) -> tuple[
+                           dict[str, FeatureSet], dict[str, bool]]:
+        """The cached features of each entry of `fields` (by name), computing those not cached
+        with one call of compute(names) and storing them; also whether each was a hit.
 
-        The lock only avoids duplicate work. Correctness never depends on it (over NFS it may
-        not exclude): files are replaced atomically, a payload that does not match its manifest
-        is discarded and recomputed, and two extractions of one key produce the same features,
-        so a duplicate extraction is only wasted time. Hence a waiter whose lock holder shows no
-        sign of life for `patience` seconds computes without it rather than hang.
+        The lock (one per set of missing entries) only avoids duplicate work. Correctness
+        never depends on it (over NFS it may not exclude): files are replaced atomically, a
+        payload that does not match its manifest is discarded and recomputed, and two
+        extractions of one key produce the same features, so a duplicate extraction is only
+        wasted time. Hence a waiter whose lock holder shows no sign of life for `patience`
+        seconds computes without it rather than hang.
         """
-        key = self.key(fields)
-        found = self.load(key)
-        if found is not None:
-            return found, True
-        lock = filelock.FileLock(self._path(key, ".lock"))
-        self._folder(key)
-        if not self._wait_for(lock, key):
-            return self._compute_once(key, fields, compute)
+        keys = {name: self.key(f) for name, f in fields.items()}
+        found = {name: self.load(key) for name, key in keys.items()}
+        missing = sorted(name for name, features in found.items() if features is None)
+        if not missing:
+            return found, dict.fromkeys(found, True)
+        bundle = (keys[missing[0]] if len(missing) == 1
+                  else self.key({"entries": sorted(keys[name] for name in missing)}))
+        lock = filelock.FileLock(self._path(bundle, ".lock"))
+        self._folder(bundle)
+        held = self._wait_for(lock, bundle)
         try:
-            with _SignOfLife(self._path(key, ".alive"), self.patience / 6):
-                return self._compute_once(key, fields, compute)
+            with _SignOfLife(self._path(bundle, ".alive"), self.patience / 6) if held \
+                    else contextlib.nullcontext():
+                loaded, computed = self._compute_once(keys, fields, missing, compute)
         finally:
-            lock.release()
+            if held:
+                lock.release()
+        return {**found, **loaded}, {name: name not in computed for name in fields}
 
     def _wait_for(self, lock: filelock.FileLock, key: str) -> bool:
         """Take the lock; False if its holder showed no sign of life for `patience` seconds (a
@@ -316,11 +342,15 @@ class FeatureCache:
                             self.patience, key)
                 return False
 
-    def _compute_once(self, key: str, fields: Mapping[str, Any],
-                      compute: Callable[[], FeatureSet]) -> tuple[FeatureSet, bool]:
-        found = self.load(key)  # another process may have finished while we waited
-        if found is not None:
-            return found, True
-        features = compute()
-        self.store(key, fields, features)
-        return features, False
+    def _compute_once(self, keys: Mapping[str, str], fields: Mapping[str, Mapping[str, Any]],
+                      missing: list[str], compute: Callable[[list[str]], dict[str, FeatureSet]]
+                      ) -> tuple[dict[str, FeatureSet], set[str]]:
+        """The entries of `missing`, and the names of those computed (and stored) here: an
+        entry another process stored while we waited is loaded instead."""
+        loaded = {name: self.load(keys[name]) for name in missing}
+        absent = [name for name, features in loaded.items() if features is None]
+        computed = compute(absent) if absent else {}
+        for name in absent:
+            self.store(keys[name], fields[name], computed[name])
+            loaded[name] = computed[name]
+        return loaded, set(absent)

@@ -1,10 +1,17 @@
-"""Classification metrics and per-sample outputs (which images fail, and how confidently)."""
+"""Metrics by task type, and per-sample outputs (which images fail, and how confidently).
+
+A task type (single-label, multi-label) chooses the training loss, the metrics and the format
+of the targets: int64 class indices [N] for single-label; int8 [N, C] for multi-label, with
+1 = present, 0 = absent and -1 = "difficult" (VOC07: left out of the loss and of AP).
+"""
 
 from __future__ import annotations
 
 import csv
 import io
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +20,11 @@ import torch.nn.functional as F
 
 from vtab.fsutil import atomic_write
 
-PER_SAMPLE_FIELDS = ("id", "target", "prediction", "confidence", "margin", "loss")
+SINGLE_LABEL_FIELDS = ("id", "target", "prediction", "confidence", "margin", "loss")
+MULTI_LABEL_FIELDS = ("id", "targets", "difficult", "predicted", "top_scores")
 
 
-def classification_metrics(logits: torch.Tensor, targets: torch.Tensor, num_classes: int, *,
+def classification_metrics(scores: torch.Tensor, targets: torch.Tensor, num_classes: int, *,
                            top5: bool | None = None) -> dict[str, float]:
     """Fractions in [0, 1]; top5 when asked (by default: when there are more than 5 classes).
 
@@ -24,7 +32,7 @@ def classification_metrics(logits: torch.Tensor, targets: torch.Tensor, num_clas
     F1 over the classes present in targets or predictions (scikit-learn's convention).
     """
     targets = targets.long()
-    predictions = logits.argmax(1)
+    predictions = scores.argmax(1)
     correct = predictions == targets
     true_pos = torch.bincount(targets[correct], minlength=num_classes).double()
     support = torch.bincount(targets, minlength=num_classes).double()
@@ -37,28 +45,178 @@ def classification_metrics(logits: torch.Tensor, targets: torch.Tensor, num_clas
         "macro_f1": (2 * true_pos[seen] / (support[seen] + predicted[seen])).mean().item(),
     }
     if (num_classes > 5) if top5 is None else top5:
-        best5 = logits.topk(5, dim=1).indices
+        best5 = scores.topk(5, dim=1).indices
         metrics["top5"] = (best5 == targets[:, None]).any(1).double().mean().item()
     return metrics
 
 
-def per_sample_outputs(logits: torch.Tensor, targets: torch.Tensor,
-                       ids: Sequence[Any]) -> list[dict[str, Any]]:
-    """One row per sample: id, target, prediction, confidence, margin (top-1 minus top-2
-    probability) and cross-entropy loss."""
-    logits = logits.float()
-    probs = logits.softmax(1)
-    top = probs.topk(min(2, probs.shape[1]), dim=1).values
-    margins = top[:, 0] - top[:, 1] if top.shape[1] > 1 else top[:, 0]
-    losses = F.cross_entropy(logits, targets.long(), reduction="none")
-    columns = zip(ids, targets.tolist(), probs.argmax(1).tolist(), top[:, 0].tolist(),
-                  margins.tolist(), losses.tolist(), strict=True)
-    return [dict(zip(PER_SAMPLE_FIELDS, row, strict=True)) for row in columns]
+def per_class_accuracy(scores: torch.Tensor, targets: torch.Tensor,
+                       num_classes: int) -> list[float | None]:
+    """Recall of each class; None for a class without evaluation examples."""
+    targets = targets.long()
+    correct = scores.argmax(1) == targets
+    hits = torch.bincount(targets[correct], minlength=num_classes).tolist()
+    support = torch.bincount(targets, minlength=num_classes).tolist()
+    return [h / s if s else None for h, s in zip(hits, support, strict=True)]
 
 
-def write_per_sample_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+def _ranked_hits(scores: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+    """Whether each example is positive, in order of decreasing score (a stable sort)."""
+    order = torch.sort(scores.double(), descending=True, stable=True).indices
+    return positive[order].double()
+
+
+def average_precision(scores: torch.Tensor, positive: torch.Tensor) -> float:
+    """The area under the precision-recall curve as scikit-learn's average_precision_score
+    computes it: sum over thresholds of (R_n - R_{n-1}) P_n, equal scores forming one
+    threshold. NaN when there is no positive."""
+    total = int(positive.sum())
+    if total == 0:
+        return math.nan
+    ranked = torch.sort(scores.double(), descending=True, stable=True)
+    hits = positive[ranked.indices].double()
+    # The last example of each run of equal scores closes a threshold.
+    values = ranked.values
+    last = torch.ones_like(values, dtype=torch.bool)
+    last[:-1] = values[1:] != values[:-1]
+    true_pos = hits.cumsum(0)[last]
+    seen = torch.arange(1, len(values) + 1, dtype=torch.float64)[last]
+    precision = true_pos / seen
+    recall = true_pos / total
+    steps = torch.diff(recall, prepend=recall.new_zeros(1))
+    return float((steps * precision).sum())
+
+
+def voc07_average_precision(scores: torch.Tensor, positive: torch.Tensor) -> float:
+    """PASCAL VOC 2007's 11-point AP: the mean over recall levels 0, 0.1, ..., 1 of the best
+    precision at that recall or above (0 when not reached), precision and recall taken after
+    each example in order of decreasing score, as the VOC devkit does. NaN without positives."""
+    total = int(positive.sum())
+    if total == 0:
+        return math.nan
+    hits = _ranked_hits(scores, positive)
+    true_pos = hits.cumsum(0)
+    precision = true_pos / torch.arange(1, len(hits) + 1, dtype=torch.float64)
+    recall = true_pos / total
+    points = []
+    for level in torch.linspace(0, 1, 11, dtype=torch.float64):
+        reached = precision[recall >= level - 1e-12]
+        points.append(float(reached.max()) if len(reached) else 0.0)
+    return sum(points) / 11
+
+
+def multilabel_metrics(scores: torch.Tensor, targets: torch.Tensor) -> tuple[
+        dict[str, float], list[float | None]]:
+    """(mAP both ways, per-class AP) over classes with a positive evaluation example; the
+    examples marked difficult for a class are left out of that class's AP."""
+    per_class, per_class_voc = [], []
+    for c in range(targets.shape[1]):
+        kept = targets[:, c] >= 0
+        positive = targets[kept, c] == 1
+        per_class.append(average_precision(scores[kept, c], positive))
+        per_class_voc.append(voc07_average_precision(scores[kept, c], positive))
+    present = [ap for ap in per_class if not math.isnan(ap)]
+    present_voc = [ap for ap in per_class_voc if not math.isnan(ap)]
+    if not present:
+        raise ValueError("no class has a positive evaluation example: mAP is undefined")
+    metrics = {"map": sum(present) / len(present), "map_voc07": sum(present_voc) / len(present)}
+    return metrics, [None if math.isnan(ap) else ap for ap in per_class]
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    metrics: dict[str, float]  # scalars, each in [0, 1]
+    per_class: dict[str, list[float | None]]  # one value per class, None where undefined
+
+
+class SingleLabel:
+    name = "single_label"
+
+    @staticmethod
+    def loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Per-example cross-entropy [N]."""
+        return F.cross_entropy(logits, targets, reduction="none")
+
+    @staticmethod
+    def evaluate(scores: torch.Tensor, targets: torch.Tensor, num_classes: int,
+                 trained_classes: int) -> Evaluation:
+        metrics = classification_metrics(scores, targets, num_classes,
+                                         top5=trained_classes > 5)
+        return Evaluation(metrics, {"accuracy": per_class_accuracy(scores, targets,
+                                                                   num_classes)})
+
+    @staticmethod
+    def per_sample(scores: torch.Tensor, targets: torch.Tensor, ids: Sequence[Any],
+                   output: str) -> tuple[tuple[str, ...], list[dict[str, Any]]]:
+        """One row per example: target, prediction, confidence (its probability), margin
+        (top-1 minus top-2 probability) and cross-entropy loss; the last three only for heads
+        whose scores are logits or probabilities."""
+        scores = scores.float()
+        probs = scores.softmax(1) if output == "logits" else scores
+        predictions = scores.argmax(1).tolist()
+        if output == "margins":
+            blank = [""] * len(ids)
+            columns = zip(ids, targets.tolist(), predictions, blank, blank, blank, strict=True)
+        else:
+            top = probs.topk(min(2, probs.shape[1]), dim=1).values
+            margins = top[:, 0] - top[:, 1] if top.shape[1] > 1 else top[:, 0]
+            picked = probs.gather(1, targets.long()[:, None])[:, 0].clamp_min(1e-12)
+            losses = -picked.log()
+            columns = zip(ids, targets.tolist(), predictions, top[:, 0].tolist(),
+                          margins.tolist(), losses.tolist(), strict=True)
+        return SINGLE_LABEL_FIELDS, [dict(zip(SINGLE_LABEL_FIELDS, row, strict=True))
+                                     for row in columns]
+
+
+class MultiLabel:
+    name = "multi_label"
+
+    @staticmethod
+    def loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Per-example binary cross-entropy summed over classes [N], difficult labels left
+        out."""
+        kept = (targets >= 0).to(logits.dtype)
+        bce = F.binary_cross_entropy_with_logits(logits, targets.clamp_min(0).to(logits.dtype),
+                                                 reduction="none")
+        return (bce * kept).sum(1)
+
+    @staticmethod
+    def evaluate(scores: torch.Tensor, targets: torch.Tensor, num_classes: int,
+                 trained_classes: int) -> Evaluation:
+        metrics, per_class = multilabel_metrics(scores, targets)
+        return Evaluation(metrics, {"ap": per_class})
+
+    @staticmethod
+    def per_sample(scores: torch.Tensor, targets: torch.Tensor, ids: Sequence[Any],
+                   output: str) -> tuple[tuple[str, ...], list[dict[str, Any]]]:
+        """One row per example: its classes, difficult ones, the classes predicted present
+        (logit or margin above 0, probability above 0.5) and the three best scores."""
+        threshold = 0.5 if output == "probabilities" else 0.0
+        rows = []
+        for identifier, score, target in zip(ids, scores.float(), targets, strict=True):
+            best = score.topk(min(3, len(score)))
+            rows.append({
+                "id": identifier,
+                "targets": _classes(target == 1), "difficult": _classes(target < 0),
+                "predicted": _classes(score > threshold),
+                "top_scores": " ".join(f"{c}:{v:.4g}" for v, c in
+                                       zip(best.values.tolist(), best.indices.tolist(),
+                                           strict=True))})
+        return MULTI_LABEL_FIELDS, rows
+
+
+def _classes(mask: torch.Tensor) -> str:
+    return ",".join(map(str, mask.nonzero().flatten().tolist()))
+
+
+TASKS: dict[str, type[SingleLabel] | type[MultiLabel]] = {
+    SingleLabel.name: SingleLabel, MultiLabel.name: MultiLabel}
+
+
+def write_per_sample_csv(path: Path, fields: Sequence[str],
+                         rows: Sequence[dict[str, Any]]) -> None:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=PER_SAMPLE_FIELDS, lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=list(fields), lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     atomic_write(path, buffer.getvalue())

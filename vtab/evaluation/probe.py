@@ -1,8 +1,17 @@
-"""A linear probe: cached frozen-backbone features of two splits, a linear head, its metrics."""
+"""A probe: cached frozen-backbone features of two splits, heads trained on them, their metrics.
+
+A job trains its head kind on each layer of ``features.layers`` (all layers from one forward
+pass, all gradient heads in one training pass). Each (layer, head variant) is a *variant* of
+the job's result: a job with one variant reports ``result`` and ``metrics`` as before; a job
+with several reports them per variant under ``variants``, each with the config ``setting`` that
+picks it (so that ``select_best`` can choose a layer or a k like any other axis).
+"""
 
 from __future__ import annotations
 
 import functools
+import logging
+import re
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -15,9 +24,11 @@ from vtab.evaluation.backbones import (
     BackboneSpec,
     build_backbone,
     resolve_backbone,
+    source_of,
     weights_advice,
 )
-from vtab.evaluation.data import Split, num_classes, open_split, sibling_splits
+from vtab.evaluation.data import Split, num_classes, open_split, sibling_splits, targets
+from vtab.evaluation.extract import check_layers
 from vtab.evaluation.features import (
     FeatureCache,
     FeatureSet,
@@ -27,62 +38,67 @@ from vtab.evaluation.features import (
     extract_reusing,
     resolve_precision,
 )
-from vtab.evaluation.heads import HeadSpec, predict, train_linear_heads
-from vtab.evaluation.metrics import (
-    classification_metrics,
-    per_sample_outputs,
-    write_per_sample_csv,
-)
-from vtab.evaluation.schemas import LinearProbeConfig
+from vtab.evaluation.heads import FitSettings, Fitted, HeadInput, fit_heads
+from vtab.evaluation.metrics import TASKS, write_per_sample_csv
+from vtab.evaluation.schemas import GRADIENT_HEADS, LinearProbeConfig
 from vtab.schema import validate
 
-
-def head_spec(config: LinearProbeConfig) -> HeadSpec:
-    """The per-head settings of a job: what a batched trainer keeps per head."""
-    optim = config.optim
-    return HeadSpec(lr=optim.lr, weight_decay=optim.weight_decay, seed=config.seed,
-                    optimizer=optim.name, momentum=getattr(optim, "momentum", 0.0))
+log = logging.getLogger(__name__)
 
 
 def image_size(config: LinearProbeConfig, spec: BackboneSpec) -> int:
     return config.features.image_size or spec.default_image_size
 
 
-def _features(cfg: LinearProbeConfig, spec: BackboneSpec, splits: dict[str, Split], cache_dir: Path,
-              device: str, num_workers: int,
-              progress: bool) -> tuple[dict[str, FeatureSet], dict[str, dict[str, Any]]]:
-    """Features of each split through the cache; the backbone is built on the first forward only.
+Features = dict[str, dict[str, FeatureSet]]  # role (train, eval) -> layer label -> features
+
+
+def _features(cfg: LinearProbeConfig, spec: BackboneSpec, splits: dict[str, Split],
+              cache_dir: Path, device: str, num_workers: int,
+              progress: bool) -> tuple[Features, dict[str, dict[str, Any]]]:
+    """Features of each split and layer through the cache; the backbone is built on the first
+    forward only.
 
     A split that is not cached yet takes the rows of its images from cached sibling splits
-    (train800val200 from train800 and val200), so an image is forwarded once per protocol.
+    (train800val200 from train800 and val200), and the layers a split lacks are extracted
+    together, so an image is forwarded once per protocol whatever the layers.
     """
     cache = FeatureCache(cache_dir)
     transform = TransformSpec(image_size(cfg, spec))
     precision = resolve_precision(cfg.features.precision, device)
+    layers = {layer.label(): layer for layer in cfg.features.layers}
     backbone = functools.cache(functools.partial(build_backbone, spec))
 
-    def fields(split: Split) -> dict[str, Any]:
-        return cache_fields(spec.identity(), transform, split, precision)
+    def fields(split: Split, label: str) -> dict[str, Any]:
+        return cache_fields(spec.identity(), transform, split, precision, layers[label])
 
-    def extract(split: Split) -> FeatureSet:
+    def extract(names: list[str], split: Split) -> dict[str, FeatureSet]:
         built = backbone()
-        found = extract_features(built.model, split, transform, batch_size=cfg.features.batch_size,
+        found = extract_features(built.model, [layers[n] for n in names], source_of(spec),
+                                 split, transform, batch_size=cfg.features.batch_size,
                                  num_workers=num_workers, device=device, precision=precision,
                                  progress=progress)
-        found.meta = {"missing_keys": built.missing_keys, "unexpected_keys": built.unexpected_keys}
+        for features in found.values():
+            features.meta = {"missing_keys": built.missing_keys,
+                             "unexpected_keys": built.unexpected_keys}
         return found
 
-    def compute(split: Split) -> FeatureSet:
+    def compute(split: Split, names: list[str]) -> dict[str, FeatureSet]:
         wanted = set(split.paths)
-        donors = [cache.load(cache.key(fields(sibling))) for sibling in sibling_splits(split)
-                  if wanted.intersection(sibling.paths)]
-        return extract_reusing(split, [donor for donor in donors if donor is not None], extract)
+        siblings = [s for s in sibling_splits(split) if wanted.intersection(s.paths)]
+        donors = {name: [d for d in (cache.load(cache.key(fields(s, name))) for s in siblings)
+                         if d is not None] for name in names}
+        return extract_reusing(split, names, donors, functools.partial(extract, names))
 
     features, info = {}, {}
     for role, split in splits.items():
-        features[role], hit = cache.get_or_compute(fields(split), functools.partial(compute, split))
-        info[role] = {"key": cache.key(fields(split)), "cached": hit,
-                      "forwarded": 0 if hit else features[role].meta["forwarded"]}
+        found, hits = cache.get_or_compute({n: fields(split, n) for n in layers},
+                                           functools.partial(compute, split))
+        features[role] = found
+        forwarded = max((found[n].meta.get("forwarded", 0) for n in layers if not hits[n]),
+                        default=0)
+        info[role] = {"keys": {n: cache.key(fields(split, n)) for n in layers},
+                      "cached": all(hits.values()), "forwarded": forwarded}
     return features, info
 
 
@@ -109,7 +125,7 @@ def _open_splits(cfg: LinearProbeConfig) -> dict[str, Split]:
     for role, key, name in (("train", "data.train_split", cfg.data.train_split),
                             ("eval", "data.eval_split", cfg.data.eval_split)):
         try:
-            splits[role] = open_split(root, cfg.dataset, name, key=key)
+            splits[role] = open_split(root, cfg.dataset, name, key=key, task=cfg.data.task)
         except ConfigError as exc:
             problems.append(exc)
     if problems:
@@ -119,8 +135,14 @@ def _open_splits(cfg: LinearProbeConfig) -> dict[str, Split]:
 
 def _trained_classes(cfg: LinearProbeConfig, splits: dict[str, Split]) -> int:
     """How many classes the training split has examples of; top-5 among fewer than six of them
-    says nothing (labels 0, 5 and 9 only make ten logits, seven of them never trained)."""
-    trained = sorted(set(splits["train"].labels))
+    says nothing (labels 0, 5 and 9 only make ten logits, seven of them never trained). A
+    k-NN head needs at least its largest k training examples."""
+    train = splits["train"]
+    if cfg.head.kind == "knn" and max(cfg.head.k) > len(train.entries):
+        raise ConfigError("head.k", f"{max(cfg.head.k)} neighbours asked, but "
+                                    f"{cfg.dataset}'s {cfg.data.train_split} has "
+                                    f"{len(train.entries)} examples")
+    trained = sorted({c for label in train.labels for c in _classes_of(label)})
     if cfg.metric == "top5" and len(trained) <= 5:
         shown = ", ".join(map(str, trained))
         raise ConfigError("metric", f"top5 needs more than 5 classes with training examples; "
@@ -129,14 +151,30 @@ def _trained_classes(cfg: LinearProbeConfig, splits: dict[str, Split]) -> int:
     return len(trained)
 
 
+def _classes_of(label: Any) -> tuple[int, ...]:
+    return (label,) if isinstance(label, int) else tuple(label.positive)
+
+
+@functools.lru_cache(maxsize=32)
+def _layer_sizes(spec: BackboneSpec, layers: tuple, size: int) -> dict[str, int]:
+    """Each layer's feature size, on the architecture with random weights (no download)."""
+    architecture = BackboneSpec(spec.source, spec.name, "shape-check", spec.default_image_size)
+    return check_layers(build_backbone(architecture).model, layers, source_of(spec), size)
+
+
 def inspect(config: LinearProbeConfig) -> list[ConfigError | Advice]:
     """What would stop this job, found without running it: the backbone's name, weights and
-    checkpoint, the data folders and split files; advice when library weights are not cached."""
+    checkpoint, its layers and their pooling, the data folders and split files; advice when
+    library weights are not cached."""
     found: list[ConfigError | Advice] = []
     try:
         spec = resolve_backbone(config.backbone)
         if spec.pretrained:
             found += weights_advice(spec)
+        layers = config.features.layers
+        # A module backbone runs code of its own: it is built only when the job runs.
+        if spec.source != "module" and any(layer.name != "output" for layer in layers):
+            _layer_sizes(spec, tuple(layers), image_size(config, spec))
     except ConfigError as exc:
         found += exc.problems
     try:
@@ -146,52 +184,99 @@ def inspect(config: LinearProbeConfig) -> list[ConfigError | Advice]:
     return found
 
 
+def _safe_name(variant: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", variant).strip("_")
+
+
+def _variants(cfg: LinearProbeConfig, fits: list[dict[str, Fitted]]) -> dict[str, tuple[
+        str, Fitted, dict[str, Any]]]:
+    """name -> (layer label, fitted head, the config setting that picks it) over every layer
+    and head variant; names leave out what does not vary."""
+    layers = cfg.features.layers
+    out = {}
+    for layer, by_variant in zip(layers, fits, strict=True):
+        for head_variant, fitted in by_variant.items():
+            parts = ([layer.label()] if len(layers) > 1 else []) + \
+                    ([head_variant] if len(by_variant) > 1 else [])
+            setting = ({"features.layers": [layer.model_dump(mode="json")]}
+                       if len(layers) > 1 else {})
+            setting.update(fitted.setting if len(by_variant) > 1 else {})
+            out[" ".join(parts)] = (layer.label(), fitted, setting)
+    return out
+
+
 def run_linear_probe(config: LinearProbeConfig | Mapping[str, Any], *, cache_dir: Path,
                      device: str = "cpu", num_workers: int = 0, progress: bool = True,
                      outputs_dir: Path | None = None) -> dict[str, Any]:
-    """Train a linear head on `data.train_split` features, evaluate it on `data.eval_split`.
+    """Train `head.kind` on `data.train_split` features of each layer, evaluate it on
+    `data.eval_split`.
 
     Every key is validated before any work starts. Returns plain YAML-serialisable values;
     ``result`` is the metric named by ``metric``.
     """
     cfg = parse_config(config)
     spec = resolve_backbone(cfg.backbone)
-    head = head_spec(cfg)
-    torch.manual_seed(head.seed)
+    torch.manual_seed(cfg.seed)
     splits = _open_splits(cfg)
     classes = num_classes(splits.values())
     trained_classes = _trained_classes(cfg, splits)
+    task = TASKS[cfg.data.task]
 
     start = time.perf_counter()
     features, cache_info = _features(cfg, spec, splits, cache_dir, device, num_workers, progress)
     features_done = time.perf_counter()
-    train, evaluation = features["train"], features["eval"]
-    (trained,) = train_linear_heads(
-        train.features, train.labels, classes, [head], epochs=cfg.optim.epochs,
-        batch_size=cfg.optim.batch_size, warmup_epochs=cfg.optim.warmup_epochs,
-        feature_norm=cfg.head.feature_norm, device=device, progress=progress)
+    train_targets = targets(splits["train"], classes)
+    eval_targets = targets(splits["eval"], classes)
+    inputs = [HeadInput(features["train"][layer.label()].features, train_targets, classes,
+                        cfg.data.task) for layer in cfg.features.layers]
+    settings = FitSettings(seed=cfg.seed, device=device, progress=progress,
+                           optim=cfg.optim if cfg.head.kind in GRADIENT_HEADS else None)
+    fits = fit_heads(cfg.head, inputs, settings)
     train_done = time.perf_counter()
-    logits = predict(trained, evaluation.features)
-    metrics = classification_metrics(logits, evaluation.labels, classes,
-                                     top5=trained_classes > 5)
-    if outputs_dir is not None:
-        outputs_dir.mkdir(parents=True, exist_ok=True)
-        rows = per_sample_outputs(logits, evaluation.labels, evaluation.paths)
-        write_per_sample_csv(outputs_dir / f"{cfg.data.eval_split}_predictions.csv", rows)
+
+    results = {}
+    for name, (label, fitted, setting) in _variants(cfg, fits).items():
+        evaluation_x = features["eval"][label].features
+        scores = fitted.scores(evaluation_x)
+        evaluated = task.evaluate(scores, eval_targets, classes, trained_classes)
+        results[name] = {"result": evaluated.metrics[cfg.metric], "metrics": evaluated.metrics,
+                         "per_class": evaluated.per_class,
+                         "feature_dim": int(evaluation_x.shape[1]), **_head_info(fitted)}
+        if setting:
+            results[name]["setting"] = setting
+        if fitted.info.get("converged") is False:
+            log.warning("%s head (%s) did not converge within max_iter", cfg.head.kind,
+                        name or "its layer")
+        if outputs_dir is not None:
+            outputs_dir.mkdir(parents=True, exist_ok=True)
+            fields, rows = task.per_sample(scores, eval_targets, splits["eval"].paths,
+                                           fitted.output)
+            stem = "_".join(filter(None, [cfg.data.eval_split, _safe_name(name)]))
+            write_per_sample_csv(outputs_dir / f"{stem}_predictions.csv", fields, rows)
     end = time.perf_counter()
-    return {
-        "result": metrics[cfg.metric],
-        "metrics": metrics,
-        "num_classes": classes,  # the largest label + 1: the head's outputs
+    shared = {
+        "num_classes": classes,  # the head's outputs: the largest label + 1, or class folders
         "classes_in_train": trained_classes,
-        "feature_dim": int(train.features.shape[1]),
-        "num_train": len(train.paths),
-        "num_eval": len(evaluation.paths),
+        "num_train": len(splits["train"].entries),
+        "num_eval": len(splits["eval"].entries),
         "timings": {"features_s": round(features_done - start, 3),
                     "train_s": round(train_done - features_done, 3),
                     "eval_s": round(end - train_done, 3)},
         "features": cache_info,
-        "backbone": {"weights_id": spec.weights_id,
-                     "missing_keys": int(train.meta.get("missing_keys", 0)),
-                     "unexpected_keys": int(train.meta.get("unexpected_keys", 0))},
+        "backbone": {"weights_id": spec.weights_id, **_backbone_keys(features)},
     }
+    if splits["train"].class_names is not None:
+        shared["class_names"] = list(splits["train"].class_names)
+    if len(results) == 1:
+        return {**next(iter(results.values())), **shared}
+    return {"variants": results, **shared}
+
+
+def _head_info(fitted: Fitted) -> dict[str, Any]:
+    return {"head_info": dict(fitted.info)} if fitted.info else {}
+
+
+def _backbone_keys(features: Features) -> dict[str, int]:
+    meta = next(iter(features["train"].values())).meta
+    return {"missing_keys": int(meta.get("missing_keys", 0)),
+            "unexpected_keys": int(meta.get("unexpected_keys", 0))}

@@ -10,14 +10,30 @@ import re
 from collections.abc import Mapping
 from typing import Annotated, ClassVar, Literal, get_args
 
-from pydantic import AfterValidator, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    field_serializer,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from vtab.schema import Section, invalid, variants
 
-Metric = Literal["top1", "top5", "balanced_accuracy", "macro_f1"]
+Task = Literal["single_label", "multi_label"]
+SINGLE_LABEL_METRICS = ("top1", "top5", "balanced_accuracy", "macro_f1")
+MULTI_LABEL_METRICS = ("map", "map_voc07")
+Metric = Literal["top1", "top5", "balanced_accuracy", "macro_f1", "map", "map_voc07"]
+METRICS_OF_TASK: dict[str, tuple[str, ...]] = {"single_label": SINGLE_LABEL_METRICS,
+                                               "multi_label": MULTI_LABEL_METRICS}
 Precision = Literal["auto", "fp32", "bf16"]
 FeatureNorm = Literal["standardize", "l2", "none"]
 METRICS: tuple[str, ...] = get_args(Metric)
+TASKS: tuple[str, ...] = get_args(Task)
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 FEATURE_NORMS: tuple[str, ...] = get_args(FeatureNorm)
 
@@ -35,11 +51,17 @@ PlainName = Annotated[str, AfterValidator(_plain_name)]
 
 
 class DataConfig(Section):
-    root: str = Field(description="folder with one folder per dataset, in the VTAB-1K layout")
+    root: str = Field(description="folder with one folder per dataset (split files or class "
+                                  "folders: SETUP_DATA.md)")
     train_split: PlainName = Field(
-        "train800", description="split file (without .txt) the head is trained on")
+        "train800", description="split (file without .txt, or class folder) the head is "
+                                "trained on")
     eval_split: PlainName = Field(
-        "val200", description="split file (without .txt) the head is evaluated on")
+        "val200", description="split (file without .txt, or class folder) the head is "
+                              "evaluated on")
+    task: Task = Field("single_label", description="single_label: one class per image; "
+                                                   "multi_label: a set of classes per image "
+                                                   "(split file lines '<path> 3,7,12?')")
 
 
 class BackboneConfig(Section):
@@ -55,14 +77,90 @@ class BackboneConfig(Section):
                                              "DEFAULT; timm: pretrained) or a checkpoint file")
 
 
-_ONE_LAYER = ("features from other layers are not supported yet: the backbone's final pooled "
-              "output (or CLS token) is used")
 _OFFLINE_ONLY = "only the offline mode (a head trained on cached frozen features) exists yet"
+OUTPUT = "output"  # the layer name of the backbone's own pooled output
+LAST_BLOCKS = "last_blocks"  # DINOv2's concatenation of the last blocks' CLS tokens
+PoolOp = Literal["none", "avg", "avgpool2d", "cls", "patch_mean", "cls_patch_mean"]
+
+
+class LayerConfig(Section):
+    """One layer the head is trained on, with the pooling that makes it a vector."""
+
+    hints: ClassVar[Mapping[str, str]] = {
+        "layer": "did you mean 'name'?", "kernel": "did you mean 'kernel_size'?",
+        "pooling": "did you mean 'pool'?", "n": "did you mean 'blocks'?"}
+
+    name: str = Field(OUTPUT, description=f"{OUTPUT}: the backbone's own pooled output; a "
+                                          "module of the model (layer3, "
+                                          "encoder.layers.encoder_layer_11, blocks.11); "
+                                          f"{LAST_BLOCKS}: the CLS tokens of the last blocks "
+                                          "of a ViT, after its final norm (DINOv2)")
+    pool: PoolOp = Field("none", description="none (the layer is [batch, dim] already), avg "
+                                             "(global average of a [B, C, H, W] map), "
+                                             "avgpool2d (kernel_size/stride/padding, then "
+                                             "flattened), cls (token 0 of [B, T, D]), "
+                                             "patch_mean (mean of tokens 1..), cls_patch_mean "
+                                             "(both, concatenated)")
+    kernel_size: int | None = Field(None, ge=1, le=1024, description="avgpool2d only")
+    stride: int | None = Field(None, ge=1, le=1024,
+                               description="avgpool2d only; default: kernel_size")
+    padding: int = Field(0, ge=0, le=512, description="avgpool2d only")
+    blocks: int | None = Field(None, ge=1, le=64,
+                               description=f"{LAST_BLOCKS} only: how many of the last blocks")
+
+    @model_validator(mode="after")
+    def _fits_together(self) -> LayerConfig:
+        pooled2d = self.pool == "avgpool2d"
+        if pooled2d and self.kernel_size is None:
+            raise invalid("kernel_size", "is required with pool avgpool2d")
+        for key in ("kernel_size", "stride", "padding"):
+            if not pooled2d and key in self.model_fields_set:
+                raise invalid(key, f"is read only with pool avgpool2d, not {self.pool}")
+        last = self.name == LAST_BLOCKS
+        if last and self.blocks is None:
+            raise invalid("blocks", f"is required with name {LAST_BLOCKS}")
+        if not last and "blocks" in self.model_fields_set:
+            raise invalid("blocks", f"is read only with name {LAST_BLOCKS}")
+        if last and self.pool not in ("cls", "cls_patch_mean"):
+            raise invalid("pool", f"{LAST_BLOCKS} concatenates CLS tokens: use cls or "
+                                  f"cls_patch_mean (adds the mean of the last block's patch "
+                                  f"tokens), not {self.pool}")
+        if self.name == OUTPUT and self.pool != "none":
+            raise invalid("pool", f"the {OUTPUT} layer is pooled by the backbone already; "
+                                  "name a module of the model to pool it yourself")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _only_what_applies(self, handler: SerializerFunctionWrapHandler) -> dict[str, object]:
+        """The keys this layer's name and pool read: what ran, and valid to read back."""
+        dumped = handler(self)
+        unread = {"kernel_size", "stride", "padding"} if self.pool != "avgpool2d" else set()
+        unread |= {"blocks"} if self.name != LAST_BLOCKS else set()
+        return {k: v for k, v in dumped.items() if k not in unread}
+
+    def label(self) -> str:
+        """A short name of the layer and its pooling, unique within a job."""
+        if self.name == OUTPUT:
+            return OUTPUT
+        if self.name == LAST_BLOCKS:
+            return f"last{self.blocks}_{self.pool}"
+        if self.pool == "avgpool2d":
+            stride = self.stride or self.kernel_size
+            return f"{self.name}:avgpool{self.kernel_size}s{stride}p{self.padding}"
+        return self.name if self.pool == "none" else f"{self.name}:{self.pool}"
+
+
+def _distinct_layers(layers: list[LayerConfig]) -> list[LayerConfig]:
+    labels = [layer.label() for layer in layers]
+    twice = sorted({label for label in labels if labels.count(label) > 1})
+    if twice:
+        raise ValueError(f"the same layer and pooling twice: {', '.join(twice)}")
+    return layers
 
 
 class FeaturesConfig(Section):
     hints: ClassVar[Mapping[str, str]] = {
-        "layer": _ONE_LAYER, "layers": _ONE_LAYER, "pool": _ONE_LAYER, "pooling": _ONE_LAYER,
+        "layer": "did you mean 'layers' (a list)?", "pool": "pooling is set per entry of layers",
         "mode": _OFFLINE_ONLY, "augment": _OFFLINE_ONLY, "augmentation": _OFFLINE_ONLY}
 
     image_size: int | None = Field(
@@ -73,13 +171,85 @@ class FeaturesConfig(Section):
     precision: Precision = Field(
         "auto", description="autocast dtype of the forward pass; auto is bf16 on a GPU, "
                             "fp32 on the CPU")
+    layers: Annotated[list[LayerConfig], AfterValidator(_distinct_layers)] = Field(
+        [LayerConfig()], min_length=1, max_length=32,
+        description="the layers a head is trained on, one head each, all from one forward "
+                    "pass; a result per layer")
+
+
+_FEATURE_NORM = Field("standardize", description="normalisation fitted on the training "
+                                                 "features and applied to both splits")
 
 
 class LinearHead(Section):
     kind: Literal["linear"] = Field("linear", description="the head trained on the features")
-    feature_norm: FeatureNorm = Field(
-        "standardize", description="normalisation fitted on the training features and applied "
-                                   "to both splits")
+    feature_norm: FeatureNorm = _FEATURE_NORM
+
+
+class BnLinearHead(Section):
+    kind: Literal["bn_linear"] = Field(
+        "bn_linear", description="BatchNorm without affine parameters, then linear (MAE, "
+                                 "VISSL's eval_mlp)")
+    feature_norm: FeatureNorm = Field("none", description="normalisation before the BatchNorm")
+
+
+class MlpHead(Section):
+    kind: Literal["mlp"] = Field("mlp", description="hidden layers, then linear")
+    feature_norm: FeatureNorm = _FEATURE_NORM
+    hidden: list[Annotated[int, Field(ge=1, le=65_536)]] = Field(
+        [512], min_length=1, max_length=8, description="sizes of the hidden layers")
+    activation: Literal["relu", "gelu"] = Field("relu", description="after each hidden layer")
+    dropout: float = Field(0.0, ge=0, lt=1, description="after each activation")
+
+
+class LogregHead(Section):
+    kind: Literal["logreg"] = Field(
+        "logreg", description="logistic regression fitted by L-BFGS to convergence "
+                              "(multinomial; one sigmoid per class for multi_label)")
+    feature_norm: FeatureNorm = _FEATURE_NORM
+    c: float = Field(1.0, gt=0, le=1e12, description="inverse L2 strength (scikit-learn's C): "
+                                                     "the loss summed over samples plus "
+                                                     "|W|^2 / (2 c)")
+    max_iter: int = Field(1000, ge=1, le=100_000, description="L-BFGS iterations at most")
+
+
+class SvmHead(Section):
+    kind: Literal["svm"] = Field(
+        "svm", description="one-vs-rest linear SVMs (squared hinge) on L2-normalised "
+                           "features, the cost of each class chosen by cross-validated "
+                           "average precision (VISSL/VirTex VOC07)")
+    costs: list[Annotated[float, Field(gt=0, le=1e6)]] = Field(
+        [0.01, 0.1, 1.0, 10.0], min_length=1, max_length=32,
+        description="the costs (C) tried for each class")
+    folds: int = Field(3, ge=2, le=20, description="cross-validation folds")
+    max_iter: int = Field(1000, ge=1, le=100_000, description="L-BFGS iterations per fit")
+
+
+class KnnHead(Section):
+    kind: Literal["knn"] = Field(
+        "knn", description="k nearest training features by cosine similarity, votes "
+                           "weighted by exp(similarity / temperature) (DINOv2)")
+    k: list[Annotated[int, Field(ge=1, le=100_000)]] = Field(
+        [10, 20, 100, 200], min_length=1, max_length=16,
+        description="neighbour counts; a result for each")
+    votes: Literal["temperature", "uniform"] = Field(
+        "temperature", description="temperature: weights exp(similarity / temperature); "
+                                   "uniform: one vote per neighbour")
+    temperature: float = Field(0.07, gt=0, le=100,
+                               description="of the vote weights (temperature votes only)")
+
+    @model_validator(mode="after")
+    def _temperature_is_read(self) -> KnnHead:
+        if self.votes == "uniform" and "temperature" in self.model_fields_set:
+            raise invalid("temperature", "is read only with votes: temperature")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _only_what_is_read(self, handler: SerializerFunctionWrapHandler) -> dict[str, object]:
+        dumped = handler(self)
+        if self.votes == "uniform":
+            del dumped["temperature"]
+        return dumped
 
 
 class _Optimizer(Section):
@@ -112,20 +282,84 @@ class AdamWOptimizer(_Optimizer):
     name: Literal["adamw"] = Field("adamw", description="the optimizer")
 
 
-HeadConfig = variants("kind", "head kind", [LinearHead], default="linear")
+HEAD_SECTIONS = (LinearHead, BnLinearHead, MlpHead, LogregHead, SvmHead, KnnHead)
+HeadConfig = variants("kind", "head kind", HEAD_SECTIONS, default="linear")
+# Heads trained by gradient descent read optim; the others are fitted to convergence.
+GRADIENT_HEADS = ("linear", "bn_linear", "mlp")
+# Heads whose fit involves no randomness: a seed would change nothing.
+SEEDLESS_HEADS = ("logreg", "svm", "knn")
 OPTIMIZER_SECTIONS = (SgdOptimizer, AdamWOptimizer)
 OptimConfig = variants("name", "optimizer", OPTIMIZER_SECTIONS, default="sgd")
 OPTIMIZERS: tuple[str, ...] = tuple(s.model_fields["name"].default for s in OPTIMIZER_SECTIONS)
 
 
 class LinearProbeConfig(Section):
-    """What the ``linear_probe`` job kind reads: cached features of two splits, a head."""
+    """What the ``linear_probe`` job kind reads: cached features of two splits, heads on them."""
 
     dataset: PlainName = Field(description="dataset folder under data.root")
     data: DataConfig
     backbone: BackboneConfig
     features: FeaturesConfig = Field(FeaturesConfig(), description="feature extraction")
     head: HeadConfig = Field(LinearHead(), description="the head")
-    optim: OptimConfig
-    seed: int = Field(0, ge=0, le=2**32 - 1, description="head initialisation and data order")
-    metric: Metric = Field("top1", description="the metric reported as result")
+    # None when absent (the validator below decides whether that is right).
+    optim: OptimConfig = Field(
+        None, validate_default=True,
+        description=f"the optimizer; required by head kinds {', '.join(GRADIENT_HEADS)} and "
+                    "read by no other")
+    seed: int = Field(0, ge=0, le=2**32 - 1,
+                      description="head initialisation and data order (not read by "
+                                  f"{', '.join(SEEDLESS_HEADS)})")
+    metric: Metric = Field(
+        "top1", validate_default=True,
+        description=f"the metric reported as result: {', '.join(SINGLE_LABEL_METRICS)} "
+                    f"(single_label); {', '.join(MULTI_LABEL_METRICS)} (multi_label)")
+
+    # Field validators, not one model validator: their errors come with those of other keys
+    # (a model validator runs only once every field is valid). `info.data` holds the fields
+    # declared before, when they were valid.
+    @field_validator("optim", mode="wrap")
+    @classmethod
+    def _optim_read_by_the_head(cls, value: object, handler: ValidatorFunctionWrapHandler,
+                                info: ValidationInfo) -> object:
+        kind = getattr(info.data.get("head"), "kind", None)
+        if value is None:
+            if kind in GRADIENT_HEADS:
+                raise ValueError(f"is required: head.kind {kind} is trained by gradient "
+                                 "descent (optim.name, optim.lr, optim.epochs)")
+            return None
+        if kind is not None and kind not in GRADIENT_HEADS:
+            raise ValueError(f"is not read by head.kind {kind}, which is fitted to "
+                             "convergence; remove it")
+        return handler(value)
+
+    @field_validator("seed")
+    @classmethod
+    def _seed_read_by_the_head(cls, value: int, info: ValidationInfo) -> int:
+        kind = getattr(info.data.get("head"), "kind", None)
+        if kind in SEEDLESS_HEADS:
+            raise ValueError(f"is not read by head.kind {kind}: its fit is deterministic; "
+                             "remove it")
+        return value
+
+    @field_validator("metric")
+    @classmethod
+    def _metric_of_the_task(cls, value: str, info: ValidationInfo) -> str:
+        task = getattr(info.data.get("data"), "task", None)
+        if task is not None and value not in METRICS_OF_TASK[task]:
+            raise ValueError(f"{value} is not a {task} metric; use one of "
+                             f"{', '.join(METRICS_OF_TASK[task])}")
+        return value
+
+    @field_serializer("optim", mode="wrap")
+    def _optim_if_any(self, optim: object, handler: SerializerFunctionWrapHandler) -> object:
+        return None if optim is None else handler(optim)
+
+    @model_serializer(mode="wrap")
+    def _only_what_is_read(self, handler: SerializerFunctionWrapHandler) -> dict[str, object]:
+        """No optim or seed where the head reads none: run_config records what ran."""
+        dumped = handler(self)
+        if self.optim is None:
+            del dumped["optim"]
+        if self.head.kind in SEEDLESS_HEADS:
+            del dumped["seed"]
+        return dumped

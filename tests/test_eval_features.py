@@ -231,3 +231,82 @@ def test_precision_auto_depends_on_device() -> None:
     assert resolve_precision("auto", "cpu") == "fp32"
     assert resolve_precision("auto", "cuda:1") == "bf16"
     assert resolve_precision("fp32", "cuda") == "fp32"
+
+
+def _small_vit() -> torch.nn.Module:
+    from torchvision.models import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(image_size=32, patch_size=8, num_layers=4, num_heads=2,
+                              hidden_dim=16, mlp_dim=32)
+    model.heads = torch.nn.Identity()
+    return model.eval().requires_grad_(False)  # frozen, as build_backbone leaves a model
+
+
+def test_vit_tokens_and_dinov2_last_blocks_by_hand() -> None:
+    """cls, patch_mean and last_blocks against the encoder run block by block: DINOv2's
+    create_linear_input concatenates the normed CLS token of each of the last n blocks, then
+    (with avgpool) the mean of the last block's normed patch tokens."""
+    from vtab.evaluation.backbones import _source
+    from vtab.evaluation.extract import LayerExtractor
+
+    model = _small_vit()
+    images = torch.randn(3, 3, 32, 32)
+    layers = [LayerConfig(name="last_blocks", blocks=2, pool="cls_patch_mean"),
+              LayerConfig(name="encoder.layers.encoder_layer_1", pool="patch_mean"),
+              LayerConfig(name="encoder.layers.encoder_layer_3", pool="cls"), LayerConfig()]
+    with torch.inference_mode():
+        found = LayerExtractor(model, layers, _source("torchvision"))(images)
+        tokens = model._process_input(images)
+        tokens = torch.cat([model.class_token.expand(3, -1, -1), tokens], dim=1)
+        tokens = tokens + model.encoder.pos_embedding
+        outputs = []
+        for block in model.encoder.layers:
+            tokens = block(tokens)
+            outputs.append(tokens)
+        normed = [model.encoder.ln(x) for x in outputs[-2:]]
+        expected_last = torch.cat([normed[0][:, 0], normed[1][:, 0], normed[1][:, 1:].mean(1)], 1)
+        output = model(images)
+    torch.testing.assert_close(found["last2_cls_patch_mean"], expected_last)
+    torch.testing.assert_close(found["encoder.layers.encoder_layer_1:patch_mean"],
+                               outputs[1][:, 1:].mean(1))
+    torch.testing.assert_close(found["encoder.layers.encoder_layer_3:cls"], outputs[3][:, 0])
+    torch.testing.assert_close(found["output"], output)  # torchvision: the normed CLS token
+    torch.testing.assert_close(found["output"], model.encoder.ln(outputs[3])[:, 0])
+
+
+def test_timm_layers_through_timms_own_extractor() -> None:
+    timm = pytest.importorskip("timm", reason="timm is an extra: pip install 'vtab[timm]'")
+    from vtab.evaluation.backbones import _source
+    from vtab.evaluation.extract import check_layers
+
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32).eval()
+    sizes = check_layers(model, [LayerConfig(), LayerConfig(name="blocks.5", pool="cls"),
+                                 LayerConfig(name="last_blocks", blocks=4, pool="cls")],
+                         _source("timm"), 32)
+    assert sizes == {"output": 192, "blocks.5:cls": 192, "last4_cls": 4 * 192}
+
+
+def test_timm_register_tokens_are_left_out_and_a_missing_cls_is_refused() -> None:
+    timm = pytest.importorskip("timm", reason="timm is an extra: pip install 'vtab[timm]'")
+    from vtab.errors import ConfigError
+    from vtab.evaluation.backbones import _source
+    from vtab.evaluation.extract import LayerExtractor, check_layers
+
+    source = _source("timm")
+    model = timm.create_model("vit_small_patch14_reg4_dinov2", num_classes=0, img_size=28,
+                              depth=2).eval().requires_grad_(False)
+    assert model.num_prefix_tokens == 5  # CLS and 4 registers
+    images = torch.randn(2, 3, 28, 28)
+    with torch.inference_mode():
+        found = LayerExtractor(model, [LayerConfig(name="blocks.1", pool="patch_mean"),
+                                       LayerConfig(name="last_blocks", blocks=1,
+                                                   pool="cls_patch_mean")], source)(images)
+        tokens = model.norm(model.blocks(model._pos_embed(model.patch_embed(images))))
+    torch.testing.assert_close(found["last1_cls_patch_mean"],
+                               torch.cat([tokens[:, 0], tokens[:, 5:].mean(1)], dim=1))
+    assert found["blocks.1:patch_mean"].shape == (2, 384)
+    gap = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32,
+                            class_token=False, global_pool="avg").eval()
+    with pytest.raises(ConfigError, match="needs a CLS token; this model has none"):
+        check_layers(gap, [LayerConfig(name="blocks.1", pool="cls")], source, 32)

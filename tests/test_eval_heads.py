@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.svm import LinearSVC
 
@@ -23,6 +24,7 @@ from vtab.evaluation.heads import (
     mlp,
 )
 from vtab.evaluation.heads.base import FeatureNorm
+from vtab.evaluation.heads.svm import stratified_folds
 from vtab.evaluation.heads.trainer import GradientHead, HeadSpec, Schedule, lr_factor, train_heads
 from vtab.evaluation.schemas import (
     BnLinearHead,
@@ -216,3 +218,68 @@ def test_fit_heads_refuses_an_unknown_kind() -> None:
     x, y = toy_problem(10, seed=0)
     with pytest.raises(ValueError, match="unknown head kind"):
         fit_heads(SimpleNamespace(kind="forest"), [single(x, y)], FitSettings(0, "cpu"))
+
+
+def test_a_last_batch_of_one_example_is_skipped_alike_alone_and_batched() -> None:
+    x, y = toy_problem(129, seed=0, spread=3.0)  # 129 = 2 x 64 + 1: BatchNorm cannot train on 1
+    heads = [GradientHead(bn_linear.build, single(x, y), spec) for spec in SPECS]
+    together = train_heads(heads, SCHEDULE)
+    for head, batched in zip(heads, together, strict=True):
+        (alone,) = train_heads([head], SCHEDULE)
+        torch.testing.assert_close(batched.scores(x), alone.scores(x))
+
+
+def test_knn_with_a_small_temperature_does_not_overflow() -> None:
+    """1/T = 200: exp(similarity / T) overflows float32; the votes must still be right."""
+    x, y = toy_problem(200, seed=0, spread=10.0, classes=5)
+    test_x, _ = toy_problem(50, seed=1, spread=10.0, classes=5)
+    votes = _fit(KnnHead(k=[10], temperature=0.005), x, y, 5)["k=10"].scores(test_x)
+    similarity = torch.nn.functional.normalize(test_x.double(), dim=1) @ \
+        torch.nn.functional.normalize(x.double(), dim=1).T
+    nearest = similarity.topk(10, dim=1)
+    weights = (nearest.values / 0.005).softmax(1)  # softmax: normalised exp, in float64
+    expected = torch.zeros(50, 5, dtype=torch.float64).scatter_add_(1, y[nearest.indices],
+                                                                     weights)
+    assert torch.isfinite(votes).all()
+    torch.testing.assert_close(votes.double(), expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("positives", [7, 30, 101])
+def test_folds_are_scikit_learns_stratified_folds(positives: int) -> None:
+    labels = torch.zeros(150, dtype=torch.bool)
+    labels[torch.randperm(150, generator=torch.Generator().manual_seed(positives))[
+        :positives]] = True
+    ours = stratified_folds(labels, 3)
+    for k, (_, held) in enumerate(StratifiedKFold(3).split(np.zeros(150), labels.numpy())):
+        assert sorted(held.tolist()) == (ours == k).nonzero().flatten().tolist()
+
+
+def test_svm_cost_choice_and_class_weight_match_scikit_learn() -> None:
+    """Per class, the cost with the best mean cross-validated AP of LinearSVC with
+    class_weight {1: 2, -1: 1} over StratifiedKFold(3), as VISSL's svm_trainer computes it;
+    the final SVMs' margins match LinearSVC's with the chosen costs."""
+    x, y = toy_problem(240, seed=0, spread=12.0, classes=3)
+    costs = [0.01, 1.0, 100.0]
+    fitted = _fit(SvmHead(costs=costs, positive_weight=2.0), x, y)[""]
+    unit = torch.nn.functional.normalize(x.double(), dim=1).numpy()
+    expected = []
+    for c in range(3):
+        target = (y == c).numpy().astype(int) * 2 - 1
+        means = [cross_val_score(LinearSVC(C=cost, class_weight={1: 2, -1: 1}, tol=1e-8,
+                                           max_iter=200_000),
+                                 unit, target, cv=StratifiedKFold(3),
+                                 scoring="average_precision").mean() for cost in costs]
+        expected.append(costs[int(np.argmax(means))])
+    assert fitted.info["costs"] == expected
+    assert fitted.info["converged"]
+    for c, cost in enumerate(expected):
+        reference = LinearSVC(C=cost, class_weight={1: 2, -1: 1}, tol=1e-8,
+                              max_iter=200_000).fit(unit, (y == c).numpy().astype(int) * 2 - 1)
+        np.testing.assert_allclose(fitted.scores(x)[:, c].double().numpy(),
+                                   reference.decision_function(unit), atol=2e-3)
+
+
+def test_an_unconverged_fit_says_so() -> None:
+    x, y = toy_problem(200, seed=0, spread=6.0)
+    fitted = _fit(LogregHead(max_iter=3, feature_norm="none"), x * 1e4, y)[""]
+    assert not fitted.info["converged"] and fitted.info["gradient_max"] > 1e-5

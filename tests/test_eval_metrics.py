@@ -15,6 +15,7 @@ from vtab.evaluation.metrics import (
     SingleLabel,
     average_precision,
     classification_metrics,
+    interpolated_average_precision,
     multilabel_metrics,
     per_class_accuracy,
     voc07_average_precision,
@@ -116,6 +117,17 @@ def test_voc07_eleven_points_by_hand() -> None:
     assert math.isnan(voc07_average_precision(scores, torch.zeros(5, dtype=torch.bool)))
 
 
+def test_interpolated_ap_by_hand() -> None:
+    # Ranked P N P N N: the precision envelope is 1 up to recall 1/2, then 2/3 up to recall 1.
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5])
+    positive = torch.tensor([True, False, True, False, False])
+    assert interpolated_average_precision(scores, positive) == pytest.approx(0.5 + 0.5 * 2 / 3)
+    # A positive ranked last of four: precision 1/4 over the whole recall range.
+    assert interpolated_average_precision(torch.tensor([4.0, 3, 2, 1]), torch.tensor(
+        [False, False, False, True])) == pytest.approx(0.25)
+    assert math.isnan(interpolated_average_precision(scores, torch.zeros(5, dtype=torch.bool)))
+
+
 def test_multilabel_map_leaves_out_difficult_labels_and_empty_classes() -> None:
     scores = torch.tensor([[0.9, 0.1, 0.3], [0.8, 0.7, 0.2], [0.1, 0.9, 0.4], [0.2, 0.3, 0.9]])
     targets = torch.tensor([[1, 0, 0], [-1, 1, 0], [0, 1, 0], [1, 0, 0]], dtype=torch.int8)
@@ -125,7 +137,7 @@ def test_multilabel_map_leaves_out_difficult_labels_and_empty_classes() -> None:
     class1 = average_precision_score([0, 1, 1, 0], [0.1, 0.7, 0.9, 0.3])
     assert per_class == [pytest.approx(class0), pytest.approx(class1), None]
     assert metrics["map"] == pytest.approx((class0 + class1) / 2)
-    assert 0 < metrics["map_voc07"] <= 1
+    assert 0 < metrics["map_voc07"] <= 1 and 0 < metrics["map_interpolated"] <= 1
 
 
 def test_multilabel_loss_ignores_difficult_labels() -> None:

@@ -92,7 +92,7 @@ def test_multilabel_svm_reports_voc07_map_and_per_class_ap(drained: WorkArea) ->
     job = jobs(drained, "heads_svm_multilabel")["heads_svm_multilabel__digit_pairs"]
     assert job["run_config"]["data"]["task"] == "multi_label"
     assert job["result"] == job["metrics"]["map_voc07"]
-    assert set(job["metrics"]) == {"map", "map_voc07"}
+    assert set(job["metrics"]) == {"map", "map_voc07", "map_interpolated"}
     assert len(job["per_class"]["ap"]) == 10 and len(job["head_info"]["costs"]) == 10
     outputs = (drained.folder(SUMMARIZED) / "heads_svm_multilabel" / "outputs" /
                "heads_svm_multilabel__digit_pairs" / "test_predictions.csv")

@@ -161,3 +161,11 @@ def test_aggregate_refuses_children_with_different_variants(area: WorkArea) -> N
     children = [_layered(0, {"layer3": 0.6}, seed=0), _layered(1, {"layer4": 0.6}, seed=1)]
     with pytest.raises(VtabError, match="report different variants"):
         _run(area, "aggregate", children)
+
+
+@pytest.mark.parametrize("variant", [{"result": 0.5}, {"result": 0.5, "setting": {}}, 0.5])
+def test_select_best_refuses_a_variant_without_its_setting(area: WorkArea, variant: Any) -> None:
+    child = _layered(0, {"layer3": 0.6}, lr=0.1, seed=0)
+    child["variants"]["odd"] = variant
+    with pytest.raises(VtabError, match="variant 'odd' lacks the setting that selects it"):
+        _run(area, "select_best", [child])

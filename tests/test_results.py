@@ -177,9 +177,10 @@ def test_compact_setting_shortens_keys_unless_ambiguous() -> None:
     assert compact_setting({"optim.lr": 0.01, "optim.weight_decay": 0.0}) == "lr=0.01 wd=0"
     assert compact_setting({"head.dropout": 0.1, "backbone.dropout": 0.0, "epochs": 10}) == \
         "head.dropout=0.1 backbone.dropout=0 epochs=10"
-    layer = {"name": "layer3", "pool": "avgpool2d", "kernel_size": 2, "stride": None}
+    layer = {"name": "layer3", "pool": "avgpool2d", "kernel_size": 2, "stride": None,
+             "padding": 0}
     assert compact_setting({"features.layers": [layer], "head.k": [20]}) == \
-        "layers=layer3:avgpool2d:2 k=20"
+        "layers=layer3:avgpool2d(kernel_size=2,padding=0) k=20"
 
 
 def test_a_summary_with_variants_gives_a_row_per_variant(tmp_path: Path) -> None:

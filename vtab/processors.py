@@ -186,10 +186,17 @@ def _scored_settings(child: Mapping[str, Any], point: dict[str, Any]) -> list[
     variants = child.get("variants")
     if variants is None:
         return [(point, child)]
+    where = f"child job {child.get('id')}"
     if not isinstance(variants, Mapping):
-        raise VtabError(f"child job {child.get('id')}: variants must be a mapping")
-    return [({**point, **(scored.get("setting") or {})}, {**scored, "id": child.get("id")})
-            for scored in variants.values() if isinstance(scored, Mapping)]
+        raise VtabError(f"{where}: variants must be a mapping")
+    found = []
+    for name, scored in variants.items():
+        # Without its setting a variant would be ranked together with its siblings.
+        if not (isinstance(scored, Mapping) and isinstance(scored.get("setting"), Mapping)
+                and scored["setting"]):
+            raise VtabError(f"{where}: variant {name!r} lacks the setting that selects it")
+        found.append(({**point, **scored["setting"]}, {**scored, "id": child.get("id")}))
+    return found
 
 
 def _variant_names(children: list[dict[str, Any]]) -> list[str] | None:

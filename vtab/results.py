@@ -447,14 +447,18 @@ def compact_setting(setting: dict[str, Any]) -> str:
 
 
 def _compact_value(value: Any) -> str:
-    """A number in its shortest form; a list's items joined by commas; a mapping's values
-    joined by colons (a layer ``{name: layer3, pool: avg}`` reads ``layer3:avg``)."""
+    """A number in its shortest form; a list's items joined by commas; a mapping's string
+    values joined by colons, then its other values as key=value (a layer ``{name: layer3,
+    pool: avgpool2d, kernel_size: 6, stride: null}`` reads ``layer3:avgpool2d(kernel_size=6)``)."""
     if isinstance(value, float):
         return f"{value:g}"
     if isinstance(value, list):
         return ",".join(map(_compact_value, value))
     if isinstance(value, dict):
-        return ":".join(_compact_value(v) for v in value.values() if v is not None)
+        names = ":".join(v for v in value.values() if isinstance(v, str))
+        rest = ",".join(f"{k}={_compact_value(v)}" for k, v in value.items()
+                        if v is not None and not isinstance(v, str))
+        return f"{names}({rest})" if rest else names
     return str(value)
 
 

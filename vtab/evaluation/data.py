@@ -36,6 +36,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from vtab.errors import ConfigError, DataError, VtabError
+from vtab.evaluation.schemas import TASKS
 from vtab.vtab1k import VTAB1K_DATASETS
 
 SPLITS: tuple[str, ...] = ("train800", "val200", "train800val200", "test")
@@ -52,7 +53,6 @@ MAX_FOLDER_FILES = 5_000_000
 
 MAX_CLASSES = 1_000_000  # labels are 0 .. MAX_CLASSES - 1: a linear head holds a column each
 
-TASKS: tuple[str, ...] = ("single_label", "multi_label")
 # The files a class folder contributes (case-insensitive); others (a README, say) are passed over.
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -34,52 +35,71 @@ def _shape(x: torch.Tensor) -> str:
     return f"[batch, {', '.join(map(str, x.shape[1:]))}]"
 
 
-def _need(x: torch.Tensor, dims: int, layer: LayerConfig, index: int, what: str) -> None:
+@dataclass(frozen=True)
+class Site:
+    """Where a pooling op works: the layer (for errors) and the model's token layout."""
+
+    layer: LayerConfig
+    index: int  # in features.layers
+    prefix: int = 1  # tokens before the patch tokens: CLS (and registers, in timm's ViTs)
+    has_cls: bool = True
+
+    def refuse(self, part: str, message: str) -> ConfigError:
+        return ConfigError(_key(self.index, part), message)
+
+
+def _need(x: torch.Tensor, dims: int, site: Site, what: str) -> None:
     if x.ndim != dims:
-        raise ConfigError(_key(index, "pool"),
-                          f"{layer.pool} needs {what}; layer {layer.name} gives {_shape(x)}")
+        raise site.refuse("pool", f"{site.layer.pool} needs {what}; layer {site.layer.name} "
+                                  f"gives {_shape(x)}")
 
 
-def _avg(x: torch.Tensor, layer: LayerConfig, index: int) -> torch.Tensor:
-    _need(x, 4, layer, index, "a [batch, channels, height, width] map")
+def _avg(x: torch.Tensor, site: Site) -> torch.Tensor:
+    _need(x, 4, site, "a [batch, channels, height, width] map")
     return x.mean((2, 3))
 
 
-def _avgpool2d(x: torch.Tensor, layer: LayerConfig, index: int) -> torch.Tensor:
-    _need(x, 4, layer, index, "a [batch, channels, height, width] map")
+def _avgpool2d(x: torch.Tensor, site: Site) -> torch.Tensor:
+    _need(x, 4, site, "a [batch, channels, height, width] map")
+    layer = site.layer
     if min(x.shape[2:]) + 2 * layer.padding < layer.kernel_size:
-        raise ConfigError(_key(index, "kernel_size"),
-                          f"{layer.kernel_size} is larger than layer {layer.name}'s map "
-                          f"{_shape(x)} (+ padding)")
+        raise site.refuse("kernel_size", f"{layer.kernel_size} is larger than layer "
+                                         f"{layer.name}'s map {_shape(x)} (+ padding)")
     if layer.padding * 2 > layer.kernel_size:
-        raise ConfigError(_key(index, "padding"), "must be at most half of kernel_size")
+        raise site.refuse("padding", "must be at most half of kernel_size")
     return F.avg_pool2d(x, layer.kernel_size, layer.stride or layer.kernel_size,
                         layer.padding).flatten(1)
 
 
-def _tokens(x: torch.Tensor, layer: LayerConfig, index: int) -> torch.Tensor:
-    _need(x, 3, layer, index, "tokens [batch, tokens, dim]")
-    if x.shape[1] < 2 and layer.pool != "cls":
-        raise ConfigError(_key(index, "pool"), f"{layer.pool} needs patch tokens besides "
-                                               f"the CLS token; layer {layer.name} gives "
-                                               f"{_shape(x)}")
+def _cls(x: torch.Tensor, site: Site) -> torch.Tensor:
+    _need(x, 3, site, "tokens [batch, tokens, dim]")
+    if not site.has_cls:
+        raise site.refuse("pool", f"{site.layer.pool} needs a CLS token; this model has none "
+                                  "(it pools its patch tokens): use patch_mean")
+    return x[:, 0]
+
+
+def _patch_mean(x: torch.Tensor, site: Site) -> torch.Tensor:
+    _need(x, 3, site, "tokens [batch, tokens, dim]")
+    if x.shape[1] <= site.prefix:
+        raise site.refuse("pool", f"{site.layer.pool} needs patch tokens after the model's "
+                                  f"{site.prefix} leading token(s); layer {site.layer.name} "
+                                  f"gives {_shape(x)}")
+    return x[:, site.prefix:].mean(1)
+
+
+def _none(x: torch.Tensor, site: Site) -> torch.Tensor:
+    _need(x, 2, site, "no pooling: the layer must give [batch, dim]; choose a pool op")
     return x
 
 
-def _none(x: torch.Tensor, layer: LayerConfig, index: int) -> torch.Tensor:
-    _need(x, 2, layer, index, "no pooling: the layer must give [batch, dim]; choose a "
-                                    "pool op")
-    return x
-
-
-POOL_OPS: dict[str, Callable[[torch.Tensor, LayerConfig, int], torch.Tensor]] = {
+POOL_OPS: dict[str, Callable[[torch.Tensor, Site], torch.Tensor]] = {
     "none": _none,
     "avg": _avg,
     "avgpool2d": _avgpool2d,
-    "cls": lambda x, layer, i: _tokens(x, layer, i)[:, 0],
-    "patch_mean": lambda x, layer, i: _tokens(x, layer, i)[:, 1:].mean(1),
-    "cls_patch_mean": lambda x, layer, i: torch.cat(
-        [_tokens(x, layer, i)[:, 0], x[:, 1:].mean(1)], dim=1),
+    "cls": _cls,
+    "patch_mean": _patch_mean,
+    "cls_patch_mean": lambda x, site: torch.cat([_cls(x, site), _patch_mean(x, site)], dim=1),
 }
 
 
@@ -95,6 +115,11 @@ def _vit_blocks(model: nn.Module, index: int, count: int) -> tuple[list[str], nn
     for blocks_path, norm_path in _VIT_PARTS:
         blocks, norm = _find(model, blocks_path), _find(model, norm_path)
         if isinstance(blocks, nn.Sequential | nn.ModuleList) and norm is not None:
+            if isinstance(norm, nn.Identity):
+                raise ConfigError(_key(index, "name"),
+                                  f"{LAST_BLOCKS} applies the model's final norm ({norm_path}), "
+                                  "which is an Identity here (the model normalises after "
+                                  "pooling instead): name the blocks and pool them directly")
             names = [f"{blocks_path}.{name}" for name, _ in blocks.named_children()]
             if count > len(names):
                 raise ConfigError(_key(index, "blocks"),
@@ -123,18 +148,27 @@ def _unknown_layer(name: str, index: int, nodes: Sequence[str],
                        f"also {OUTPUT} and {LAST_BLOCKS}")
 
 
+def _token_layout(model: nn.Module) -> tuple[int, bool]:
+    """(tokens before the patch tokens, whether the first is a CLS token) of a ViT: timm's say
+    so (registers, models without a CLS token); torchvision's have one CLS token."""
+    prefix = getattr(model, "num_prefix_tokens", 1)
+    return int(prefix), getattr(model, "cls_token", True) is not None and prefix > 0
+
+
 class LayerExtractor:
     """Maps a batch of images to ``{layer label: [batch, dim]}`` for every configured layer."""
 
     def __init__(self, model: nn.Module, layers: Sequence[LayerConfig], source: Source) -> None:
-        self.model, self.layers = model, list(layers)
+        self.model = model
+        prefix, has_cls = _token_layout(model)
+        self.sites = [Site(layer, index, prefix, has_cls) for index, layer in enumerate(layers)]
         self.norms: dict[int, nn.Module] = {}
         self.nodes: dict[int, list[str]] = {}
-        if all(layer.name == OUTPUT for layer in self.layers):
+        if all(layer.name == OUTPUT for layer in layers):
             self.traced = None  # the model's plain forward: nothing to trace
             return
         names = source.node_names(model)
-        for index, layer in enumerate(self.layers):
+        for index, layer in enumerate(layers):
             if layer.name == OUTPUT:
                 self.nodes[index] = [names[-1]]
             elif layer.name == LAST_BLOCKS:
@@ -149,22 +183,20 @@ class LayerExtractor:
     def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.traced is None:
             out = self.model(images)
-            return {layer.label(): _none(out, layer, i) for i, layer in enumerate(self.layers)}
+            return {site.layer.label(): _none(out, site) for site in self.sites}
         outputs = self.traced(images)
-        return {layer.label(): self._pool(index, layer, outputs)
-                for index, layer in enumerate(self.layers)}
+        return {site.layer.label(): self._pool(site, outputs) for site in self.sites}
 
-    def _pool(self, index: int, layer: LayerConfig,
-              outputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        found = [outputs[node] for node in self.nodes[index]]
-        if layer.name != LAST_BLOCKS:
-            return POOL_OPS[layer.pool](found[0], layer, index)
-        normed = [self.norms[index](x) for x in found]
-        for x in normed:
-            _tokens(x, layer, index)
-        parts = [x[:, 0] for x in normed]
-        if layer.pool == "cls_patch_mean":
-            parts.append(normed[-1][:, 1:].mean(1))
+    def _pool(self, site: Site, outputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        found = [outputs[node] for node in self.nodes[site.index]]
+        if site.layer.name != LAST_BLOCKS:
+            return POOL_OPS[site.layer.pool](found[0], site)
+        # DINOv2: the CLS token of each block after the final norm, then (cls_patch_mean) the
+        # mean patch token of the last one.
+        normed = [self.norms[site.index](x) for x in found]
+        parts = [_cls(x, site) for x in normed]
+        if site.layer.pool == "cls_patch_mean":
+            parts.append(_patch_mean(normed[-1], site))
         return torch.cat(parts, dim=1)
 
 

@@ -105,22 +105,42 @@ def voc07_average_precision(scores: torch.Tensor, positive: torch.Tensor) -> flo
     return sum(points) / 11
 
 
+def interpolated_average_precision(scores: torch.Tensor, positive: torch.Tensor) -> float:
+    """The all-points interpolated AP of the VOC devkit since 2010 (VISSL's ``calculate_ap``):
+    the area under the precision envelope (the best precision at each recall or above), over
+    precision and recall taken after each example in order of decreasing score. NaN without
+    positives."""
+    total = int(positive.sum())
+    if total == 0:
+        return math.nan
+    hits = _ranked_hits(scores, positive)
+    true_pos = hits.cumsum(0)
+    precision = true_pos / torch.arange(1, len(hits) + 1, dtype=torch.float64)
+    recall = torch.cat([hits.new_zeros(1), true_pos / total])
+    envelope = torch.flip(torch.cummax(torch.flip(precision, [0]), 0).values, [0])
+    return float((torch.diff(recall) * envelope).sum())
+
+
 def multilabel_metrics(scores: torch.Tensor, targets: torch.Tensor) -> tuple[
         dict[str, float], list[float | None]]:
-    """(mAP both ways, per-class AP) over classes with a positive evaluation example; the
-    examples marked difficult for a class are left out of that class's AP."""
-    per_class, per_class_voc = [], []
+    """(mAP three ways, per-class AP) averaged over the classes with a positive evaluation
+    example (scikit-learn's macro average would count the others as 0); the examples marked
+    difficult for a class are left out of that class's AP. ``map`` is scikit-learn's AP,
+    ``map_voc07`` VOC07's 11-point AP, ``map_interpolated`` the all-points interpolated AP."""
+    ways = {"map": average_precision, "map_voc07": voc07_average_precision,
+            "map_interpolated": interpolated_average_precision}
+    per_class: dict[str, list[float]] = {name: [] for name in ways}
     for c in range(targets.shape[1]):
         kept = targets[:, c] >= 0
         positive = targets[kept, c] == 1
-        per_class.append(average_precision(scores[kept, c], positive))
-        per_class_voc.append(voc07_average_precision(scores[kept, c], positive))
-    present = [ap for ap in per_class if not math.isnan(ap)]
-    present_voc = [ap for ap in per_class_voc if not math.isnan(ap)]
-    if not present:
+        for name, way in ways.items():
+            per_class[name].append(way(scores[kept, c], positive))
+    present = [not math.isnan(ap) for ap in per_class["map"]]
+    if not any(present):
         raise ValueError("no class has a positive evaluation example: mAP is undefined")
-    metrics = {"map": sum(present) / len(present), "map_voc07": sum(present_voc) / len(present)}
-    return metrics, [None if math.isnan(ap) else ap for ap in per_class]
+    metrics = {name: sum(ap for ap, there in zip(values, present, strict=True) if there) /
+               sum(present) for name, values in per_class.items()}
+    return metrics, [None if math.isnan(ap) else ap for ap in per_class["map"]]
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Annotated, ClassVar, Literal, get_args
+from typing import Annotated, Any, ClassVar, Literal, get_args
 
 from pydantic import (
     AfterValidator,
@@ -26,16 +26,15 @@ from vtab.schema import Section, invalid, variants
 
 Task = Literal["single_label", "multi_label"]
 SINGLE_LABEL_METRICS = ("top1", "top5", "balanced_accuracy", "macro_f1")
-MULTI_LABEL_METRICS = ("map", "map_voc07")
-Metric = Literal["top1", "top5", "balanced_accuracy", "macro_f1", "map", "map_voc07"]
+MULTI_LABEL_METRICS = ("map", "map_voc07", "map_interpolated")
+Metric = Literal["top1", "top5", "balanced_accuracy", "macro_f1", "map", "map_voc07",
+                 "map_interpolated"]
 METRICS_OF_TASK: dict[str, tuple[str, ...]] = {"single_label": SINGLE_LABEL_METRICS,
                                                "multi_label": MULTI_LABEL_METRICS}
 Precision = Literal["auto", "fp32", "bf16"]
 FeatureNorm = Literal["standardize", "l2", "none"]
 METRICS: tuple[str, ...] = get_args(Metric)
 TASKS: tuple[str, ...] = get_args(Task)
-PRECISIONS: tuple[str, ...] = get_args(Precision)
-FEATURE_NORMS: tuple[str, ...] = get_args(FeatureNorm)
 
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 
@@ -150,6 +149,13 @@ class LayerConfig(Section):
         return self.name if self.pool == "none" else f"{self.name}:{self.pool}"
 
 
+def _distinct(values: list) -> list:
+    twice = sorted({v for v in values if values.count(v) > 1})
+    if twice:
+        raise ValueError(f"lists {', '.join(map(str, twice))} more than once")
+    return values
+
+
 def _distinct_layers(layers: list[LayerConfig]) -> list[LayerConfig]:
     labels = [layer.label() for layer in layers]
     twice = sorted({label for label in labels if labels.count(label) > 1})
@@ -218,10 +224,19 @@ class SvmHead(Section):
         "svm", description="one-vs-rest linear SVMs (squared hinge) on L2-normalised "
                            "features, the cost of each class chosen by cross-validated "
                            "average precision (VISSL/VirTex VOC07)")
-    costs: list[Annotated[float, Field(gt=0, le=1e6)]] = Field(
+    costs: Annotated[list[Annotated[float, Field(gt=0, le=1e6)]],
+                     AfterValidator(_distinct)] = Field(
         [0.01, 0.1, 1.0, 10.0], min_length=1, max_length=32,
         description="the costs (C) tried for each class")
-    folds: int = Field(3, ge=2, le=20, description="cross-validation folds")
+    folds: int = Field(3, ge=2, le=20, description="cross-validation folds, stratified per "
+                                                     "class")
+    positive_weight: float = Field(1.0, gt=0, le=1000,
+                                   description="weight of a positive example's loss (VISSL "
+                                               "and VirTex use 2)")
+    train_difficult_as: Literal["ignored", "negative"] = Field(
+        "ignored", description="multi_label only: whether an example marked difficult for a "
+                               "class is left out of its training or counts as a negative "
+                               "(VISSL, VirTex); evaluation always leaves it out")
     max_iter: int = Field(1000, ge=1, le=100_000, description="L-BFGS iterations per fit")
 
 
@@ -229,7 +244,8 @@ class KnnHead(Section):
     kind: Literal["knn"] = Field(
         "knn", description="k nearest training features by cosine similarity, votes "
                            "weighted by exp(similarity / temperature) (DINOv2)")
-    k: list[Annotated[int, Field(ge=1, le=100_000)]] = Field(
+    k: Annotated[list[Annotated[int, Field(ge=1, le=100_000)]],
+                 AfterValidator(_distinct)] = Field(
         [10, 20, 100, 200], min_length=1, max_length=16,
         description="neighbour counts; a result for each")
     votes: Literal["temperature", "uniform"] = Field(
@@ -332,6 +348,15 @@ class LinearProbeConfig(Section):
                              "convergence; remove it")
         return handler(value)
 
+    @field_validator("head")
+    @classmethod
+    def _head_options_of_the_task(cls, value: Any, info: ValidationInfo) -> Any:
+        task = getattr(info.data.get("data"), "task", None)
+        if task == "single_label" and "train_difficult_as" in value.model_fields_set:
+            raise ValueError("train_difficult_as is read only with data.task multi_label "
+                             "(single-label files mark no label difficult)")
+        return value
+
     @field_validator("seed")
     @classmethod
     def _seed_read_by_the_head(cls, value: int, info: ValidationInfo) -> int:
@@ -362,4 +387,6 @@ class LinearProbeConfig(Section):
             del dumped["optim"]
         if self.head.kind in SEEDLESS_HEADS:
             del dumped["seed"]
+        if self.data.task == "single_label":
+            dumped["head"].pop("train_difficult_as", None)
         return dumped

@@ -9,6 +9,9 @@ from dataclasses import dataclass
 import torch
 
 GRADIENT_TOLERANCE = 1e-7  # stop when the largest gradient entry is below this (per example)
+# Converged: the largest gradient entry at the solution is below this. L-BFGS also stops when
+# the objective stops changing or it runs out of evaluations; only the gradient tells.
+CONVERGED_GRADIENT = 1e-5
 
 
 @dataclass(frozen=True)
@@ -16,6 +19,7 @@ class Solution:
     weight: torch.Tensor  # [D, C]
     bias: torch.Tensor  # [C]
     iterations: int
+    gradient_max: float  # the largest gradient entry at the solution
     converged: bool
 
 
@@ -35,5 +39,8 @@ def minimise(objective: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], di
         return value
 
     optimizer.step(closure)
-    iterations = int(optimizer.state[optimizer._params[0]].get("n_iter", 0))
-    return Solution(weight.detach(), bias.detach(), iterations, iterations < max_iter)
+    iterations = int(optimizer.state[weight].get("n_iter", 0))
+    closure()
+    gradient = max(float(weight.grad.abs().max()), float(bias.grad.abs().max()))
+    return Solution(weight.detach(), bias.detach(), iterations, gradient,
+                    gradient <= CONVERGED_GRADIENT)

@@ -32,8 +32,10 @@ def fit_one(config, data: HeadInput, device: str) -> dict[str, Fitted]:
         # topk is sorted, so the first k of the largest are the k nearest.
         nearest = similarity.topk(largest, dim=1)
         sims, index = nearest.values[:, :k], nearest.indices[:, :k]
+        # exp((s - s_max) / T): the same normalised votes as exp(s / T), without overflow
+        # for a small T (1/T > 88 overflows float32).
         weights = (torch.ones_like(sims) if config.votes == "uniform"
-                   else (sims / config.temperature).exp())
+                   else ((sims - sims[:, :1]) / config.temperature).exp())
         counts = (weights[:, :, None] * labels[index]).sum(1)
         return counts / weights.sum(1, keepdim=True)
 

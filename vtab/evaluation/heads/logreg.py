@@ -32,6 +32,7 @@ def fit_one(config, data: HeadInput, device: str) -> Fitted:
         return torch.addmm(bias, norm(features.to(dev)), weight)
 
     return Fitted(score, "logits", info={"iterations": solution.iterations,
+                                         "gradient_max": solution.gradient_max,
                                          "converged": solution.converged})
 
 

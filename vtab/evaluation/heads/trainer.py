@@ -110,7 +110,10 @@ def train_heads(heads: Sequence[GradientHead], schedule: Schedule, *, device: st
         noise = torch.Generator(dev).manual_seed(head.spec.seed)
         modules.append(head.build(x.shape[1], head.data.num_classes, order, noise).to(dev))
     optimizers = _optimizers([head.spec for head in heads], modules)
-    steps_per_epoch = math.ceil(n / schedule.batch_size)
+    # A last batch of a single example is skipped: BatchNorm cannot train on one example, and
+    # every kind skips it alike so that kinds stay comparable.
+    starts = [start for start in range(0, n, schedule.batch_size) if n - start > 1 or n == 1]
+    steps_per_epoch = len(starts)
     total = schedule.epochs * steps_per_epoch
     warmup = schedule.warmup_epochs * steps_per_epoch
     step = 0
@@ -119,7 +122,7 @@ def train_heads(heads: Sequence[GradientHead], schedule: Schedule, *, device: st
     for _ in tqdm(range(schedule.epochs), desc=f"{len(heads)} head(s)", disable=not progress,
                   leave=False):
         epoch_orders = [torch.randperm(n, generator=g).to(dev) for g in orders]
-        for start in range(0, n, schedule.batch_size):
+        for start in starts:
             factor = lr_factor(step, warmup, total)
             for optimizer in optimizers:
                 optimizer.zero_grad(set_to_none=True)

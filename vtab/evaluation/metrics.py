@@ -60,10 +60,16 @@ def per_class_accuracy(scores: torch.Tensor, targets: torch.Tensor,
     return [h / s if s else None for h, s in zip(hits, support, strict=True)]
 
 
-def _ranked_hits(scores: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
-    """Whether each example is positive, in order of decreasing score (a stable sort)."""
+def _devkit_curve(scores: torch.Tensor,
+                  positive: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(precision, recall) after each example in order of decreasing score (a stable sort), as
+    the VOC devkit takes them; None without positives."""
+    total = int(positive.sum())
+    if total == 0:
+        return None
     order = torch.sort(scores.double(), descending=True, stable=True).indices
-    return positive[order].double()
+    true_pos = positive[order].double().cumsum(0)
+    return true_pos / torch.arange(1, len(order) + 1, dtype=torch.float64), true_pos / total
 
 
 def average_precision(scores: torch.Tensor, positive: torch.Tensor) -> float:
@@ -91,13 +97,10 @@ def voc07_average_precision(scores: torch.Tensor, positive: torch.Tensor) -> flo
     """PASCAL VOC 2007's 11-point AP: the mean over recall levels 0, 0.1, ..., 1 of the best
     precision at that recall or above (0 when not reached), precision and recall taken after
     each example in order of decreasing score, as the VOC devkit does. NaN without positives."""
-    total = int(positive.sum())
-    if total == 0:
+    curve = _devkit_curve(scores, positive)
+    if curve is None:
         return math.nan
-    hits = _ranked_hits(scores, positive)
-    true_pos = hits.cumsum(0)
-    precision = true_pos / torch.arange(1, len(hits) + 1, dtype=torch.float64)
-    recall = true_pos / total
+    precision, recall = curve
     points = []
     for level in torch.linspace(0, 1, 11, dtype=torch.float64):
         reached = precision[recall >= level - 1e-12]
@@ -110,15 +113,12 @@ def interpolated_average_precision(scores: torch.Tensor, positive: torch.Tensor)
     the area under the precision envelope (the best precision at each recall or above), over
     precision and recall taken after each example in order of decreasing score. NaN without
     positives."""
-    total = int(positive.sum())
-    if total == 0:
+    curve = _devkit_curve(scores, positive)
+    if curve is None:
         return math.nan
-    hits = _ranked_hits(scores, positive)
-    true_pos = hits.cumsum(0)
-    precision = true_pos / torch.arange(1, len(hits) + 1, dtype=torch.float64)
-    recall = torch.cat([hits.new_zeros(1), true_pos / total])
+    precision, recall = curve
     envelope = torch.flip(torch.cummax(torch.flip(precision, [0]), 0).values, [0])
-    return float((torch.diff(recall) * envelope).sum())
+    return float((torch.diff(recall, prepend=recall.new_zeros(1)) * envelope).sum())
 
 
 def multilabel_metrics(scores: torch.Tensor, targets: torch.Tensor) -> tuple[

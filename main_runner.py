@@ -2,7 +2,7 @@
 
 
 from vtab import cli
-from vtab.runner import main
+from vtab.launch.local import main
 
 if __name__ == "__main__":
     cli.run(main)

@@ -19,7 +19,8 @@ import pytest
 import yaml
 
 from tests.conftest import drain
-from vtab import runner, yamlio
+from vtab import yamlio
+from vtab.launch import local as launch_local
 from vtab.runner import CRASHED_EXIT
 from vtab.workarea import CRASHED, FINISHED, RUNNING, WorkArea
 
@@ -108,7 +109,7 @@ def test_bad_runner_options_stop_it_before_it_touches_the_work_area(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], case: dict[str, Any]) -> None:
     area = tmp_path / "work"
     try:
-        code = runner.main(["--work_area", str(area), "--devices", "cpu", *case["args"]])
+        code = launch_local.main(["--work_area", str(area), "--devices", "cpu", *case["args"]])
     except SystemExit as exit_:  # argparse's usage error
         code = exit_.code
     assert code == 2

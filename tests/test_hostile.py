@@ -19,9 +19,10 @@ from typing import Any
 import pytest
 
 from tests.conftest import REPO, drain, queue, toy_pipeline
-from vtab import runner, status, yamlio
+from vtab import status, yamlio
 from vtab.errors import ConfigError
 from vtab.evaluation import probe
+from vtab.launch import local as launch_local
 from vtab.pipeline import StageContext, register_kind
 from vtab.runner import BLOCKED_EXIT, CRASHED_EXIT
 from vtab.schema import Section
@@ -245,7 +246,7 @@ def test_runners_of_one_area_judge_leases_alike(tmp_path: Path,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     area = WorkArea(tmp_path / "work")
     assert area.settings({"lease_timeout": 60.0}).lease_timeout == 60.0  # the first runner's
-    code = runner.main(["--work_area", str(area.root), "--devices", "cpu",
+    code = launch_local.main(["--work_area", str(area.root), "--devices", "cpu",
                         "--lease_timeout", "1"])
     assert code == 2
     assert "--lease_timeout: this work area's lease_timeout is 60" in capsys.readouterr().err
@@ -259,7 +260,7 @@ def test_a_work_area_that_is_not_a_folder_is_a_clear_error(
     if plain_file:
         root.mkdir()
     (root / plain_file if plain_file else root).write_text("not a folder\n")
-    assert runner.main(["--work_area", str(root), "--devices", "cpu"]) == 2
+    assert launch_local.main(["--work_area", str(root), "--devices", "cpu"]) == 2
     assert "is not a folder" in capsys.readouterr().err
 
 

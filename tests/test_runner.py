@@ -12,8 +12,9 @@ import pytest
 from tests.conftest import TOY_JOBS_PER_DATASET, drain, queue, toy_pipeline
 from vtab import yamlio
 from vtab.errors import RunnerEnvironmentError
+from vtab.launch.local import worst_exit_code
 from vtab.pipeline import StageContext, register_kind
-from vtab.runner import BLOCKED_EXIT, CRASHED_EXIT, worst_exit_code
+from vtab.runner import BLOCKED_EXIT, CRASHED_EXIT
 from vtab.schema import Section
 from vtab.workarea import CRASHED, FINISHED, RUNNING, SUMMARIZED, WAITING, Claim, WorkArea
 

@@ -8,36 +8,23 @@ job in hand to the queue at once.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import json
 import logging
-import math
 import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 from vtab import kinds, processors, provenance, yamlio  # noqa: F401  (registers kinds and processors)
-from vtab.devices import (
-    CPU,
-    DeviceError,
-    check_devices,
-    claim_gpu,
-    default_devices,
-    parse_devices,
-    physical_gpu,
-)
 from vtab.errors import ConfigError, RunnerEnvironmentError, VtabError
 from vtab.pipeline import (
     DEFAULT_MAX_GRID_POINTS,
@@ -52,7 +39,6 @@ from vtab.pipeline import (
     prepare_root,
     validate,
 )
-from vtab.schema import validate as validate_schema
 from vtab.workarea import (
     CRASHED,
     FINISHED,
@@ -195,6 +181,7 @@ class Runner:
         self._parents: dict[str, tuple[str, Any]] = {}
         self.jobs_done = 0
         self.claims = 0
+        self.busy_seconds = 0.0  # time spent on claimed jobs
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -203,9 +190,15 @@ class Runner:
         previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
         self.heartbeat.start()
         log.info("runner %s started on %s", self.id, self.area.root)
+        started = time.monotonic()
         try:
             return self._loop()
         finally:
+            up = time.monotonic() - started
+            # The last line: what this runner did with its time (an allocation's, under SLURM).
+            log.info("runner %s: %d job(s) run, %d claim(s); busy %.0f s, idle %.0f s of %.0f s",
+                     self.id, self.jobs_done, self.claims, self.busy_seconds,
+                     up - self.busy_seconds, up)
             self.heartbeat.stop()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -214,8 +207,10 @@ class Runner:
         idle_since = time.monotonic()
         quiet_checks = 0
         while self.stop_signal is None and self.broken is None:
+            before = time.monotonic()
             if self.step():
                 idle_since, quiet_checks = time.monotonic(), 0
+                self.busy_seconds += idle_since - before
                 if self.settings.max_jobs is not None and self.claims >= self.settings.max_jobs:
                     log.info("handled %d jobs (--max_jobs); exiting", self.claims)
                     break
@@ -830,211 +825,3 @@ def _fingerprint(root: Mapping[str, Any]) -> str:
     content = json.dumps({k: root.get(k) for k in ("current_stage", "config", "stages")},
                          sort_keys=True, default=str)
     return hashlib.sha256(content.encode("utf-8")).hexdigest()
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="main_runner.py",
-        description="Start runners that drain a work area: one process per --devices entry.",
-        epilog="Exit codes (the worst of all runners, in this order): 128+N stopped by signal "
-               "N; 2 a runner could not run jobs here (bad --devices, broken install, weights "
-               "it cannot fetch, storage failing) or bad arguments; 3 drained, but jobs in "
-               "waiting/ wait on crashed jobs; 4 drained, but jobs crashed; 0 drained, "
-               "everything finished or summarized.")
-    parser.add_argument("--work_area", type=Path, default=Path("./work"),
-                        help="the shared work area folder (default: ./work)")
-    parser.add_argument("--devices", default=default_devices(),
-                        help="comma-separated devices, one runner each: GPU indices (0,1,3) or "
-                             "'cpu', which may repeat (cpu,cpu); checked before anything is "
-                             "claimed; default: 0 with CUDA, else cpu")
-    parser.add_argument("--num_workers", type=_count(0), default=0,
-                        help="data loading worker processes per runner (default: 0)")
-    parser.add_argument("--threads", type=_count(1), default=None,
-                        help="CPU threads per runner (default: cores / number of CPU runners)")
-    parser.add_argument("--idle_limit", type=_seconds, default=None,
-                        help="exit after this many seconds without work (default: run until the "
-                             "work area is drained)")
-    parser.add_argument("--max_jobs", type=_count(1), default=None,
-                        help="exit after handling this many jobs (default: no limit)")
-    parser.add_argument("--lease_timeout", type=float, default=None,
-                        help="seconds without a heartbeat after which a claimed job is taken "
-                             "back; a setting of the work area (meta/settings.yaml), written by "
-                             "its first runner (default 60), which every later runner must "
-                             "agree with")
-    parser.add_argument("--settle_time", type=float, default=None,
-                        help="seconds a queued file that does not end with the YAML end marker "
-                             "'...' must be left unchanged before it runs (a copy may still be "
-                             "writing it); a setting of the work area like --lease_timeout "
-                             "(default 10)")
-    parser.add_argument("--max_attempts", type=_count(1), default=RunnerSettings.max_attempts,
-                        help="attempts per stage before a job is crashed (default: %(default)s)")
-    parser.add_argument("--poll_interval", type=_seconds, default=RunnerSettings.poll_interval,
-                        help="seconds between looks at an empty queue (default: %(default)s)")
-    parser.add_argument("--max_grid_points", type=_count(1), default=DEFAULT_MAX_GRID_POINTS,
-                        help="refuse grids larger than this (default: %(default)s)")
-    parser.add_argument("--cache_dir", type=Path, default=None,
-                        help="feature cache folder (default: <work_area>/cache/features)")
-    parser.add_argument("--host_id", default=socket.gethostname(),
-                        help="host name recorded in leases and results (default: the hostname)")
-    parser.add_argument("--module_backbones", default="",
-                        help="comma-separated modules (or packages) whose functions jobs may "
-                             "use as backbones (backbone.source: module); such a job runs code "
-                             "it names, so none is trusted by default")
-    parser.add_argument("--no_progress", action="store_true",
-                        help="no progress bars (they are shown only when stderr is a terminal)")
-    parser.add_argument("--runner_index", type=int, default=None, help=argparse.SUPPRESS)
-    return parser
-
-
-def _count(least: int) -> Callable[[str], int]:
-    """An argparse type: a whole number of at least `least`."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if value < least:
-            raise argparse.ArgumentTypeError(f"must be at least {least}, got {value}")
-        return value
-
-    return parse
-
-
-def _seconds(text: str) -> float:
-    """An argparse type: a finite, non-negative number of seconds."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number of seconds >= 0, got {text}")
-    return value
-
-
-def settings_from(args: argparse.Namespace) -> RunnerSettings:
-    return RunnerSettings(lease_timeout=args.lease_timeout, settle_time=args.settle_time,
-                          max_attempts=args.max_attempts,
-                          idle_limit=args.idle_limit, max_jobs=args.max_jobs,
-                          num_workers=args.num_workers,
-                          cache_dir=args.cache_dir, max_grid_points=args.max_grid_points,
-                          progress=not args.no_progress and sys.stderr.isatty(),
-                          host=args.host_id,
-                          trusted_modules=tuple(m.strip() for m in
-                                                args.module_backbones.split(",") if m.strip()),
-                          poll_interval=args.poll_interval)
-
-
-def run_one(args: argparse.Namespace, device: str) -> int:
-    """Run one runner in this process, pinned to `device` ('cpu' or a GPU index)."""
-    index = f"#{args.runner_index}" if args.runner_index is not None else ""
-    torch_device = "cpu" if device == CPU else "cuda"
-    name = f"{args.host_id}:{os.getpid()}:{device}{index}"
-    logging.basicConfig(level=logging.INFO, force=True,
-                        format=f"%(asctime)s [{name}] %(levelname)s %(message)s")
-    if device != CPU:  # before torch is imported by a job: CUDA reads the mask once
-        os.environ["CUDA_VISIBLE_DEVICES"] = physical_gpu(device) or device
-        problem = claim_gpu()
-        if problem is not None:
-            log.error("--devices %s: %s; stopping before claiming anything", device, problem)
-            return CANNOT_RUN_EXIT
-    if args.threads:
-        os.environ["OMP_NUM_THREADS"] = str(args.threads)
-        import torch
-
-        torch.set_num_threads(args.threads)
-    area = WorkArea(args.work_area)
-    return Runner(area, settings_from(args), torch_device, name).run()
-
-
-def supervise(args: argparse.Namespace, argv: list[str], devices: list[str]) -> int:
-    """One child process per device; stop signals are passed on; exit with the worst code."""
-    cpu_runners = sum(d == CPU for d in devices)
-    threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, cpu_runners))
-    children = []
-    for index, device in enumerate(devices):
-        env = dict(os.environ)
-        if device == CPU:
-            env["CUDA_VISIBLE_DEVICES"] = ""
-        command = [sys.executable, "-m", "vtab.runner", *argv, "--devices", device,
-                   "--runner_index", str(index), "--threads", str(threads)]
-        children.append(subprocess.Popen(command, env=env))
-
-    def forward(signum: int, _frame: FrameType | None) -> None:
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(signum)
-
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, forward)
-    codes = [child.wait() for child in children]
-    worst = worst_exit_code(codes)
-    print(f"main_runner: {len(children)} runners exited with codes {codes}: "
-          f"{describe_exit_code(worst)}", flush=True)
-    return worst
-
-
-_EXIT_RANK = {DRAINED_EXIT: 0, CRASHED_EXIT: 1, BLOCKED_EXIT: 2, CANNOT_RUN_EXIT: 3}
-
-
-def worst_exit_code(codes: list[int]) -> int:
-    """The code that says most: a signal (a killed child, -N, becomes 128+N), then a runner
-    that could not run jobs (2), then blocked waiting jobs (3), then crashed jobs (4), then
-    drained (0)."""
-    shell = [128 - code if code < 0 else code for code in codes]
-    return max(shell, key=lambda code: _EXIT_RANK.get(code, len(_EXIT_RANK) + code))
-
-
-def describe_exit_code(code: int) -> str:
-    meanings = {DRAINED_EXIT: "drained, everything finished or summarized",
-                CRASHED_EXIT: "drained, but jobs crashed (see crashed/)",
-                BLOCKED_EXIT: "drained, but waiting jobs wait on crashed jobs",
-                CANNOT_RUN_EXIT: "a runner could not run jobs here"}
-    if code > 128:
-        return f"stopped by signal {code - 128}"
-    return meanings.get(code, "a runner failed unexpectedly")
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        devices = parse_devices(args.devices)
-    except DeviceError as exc:
-        parser.error(str(exc))
-    if args.runner_index is None:  # a runner started by `supervise` was checked by it
-        problems = check_devices(devices)
-        if problems:
-            for problem in problems:
-                print(f"main_runner: {problem}", file=sys.stderr)
-            print("main_runner: nothing was claimed; the work area is untouched",
-                  file=sys.stderr)
-            return CANNOT_RUN_EXIT
-    try:  # the area and its settings, before any runner starts (and claims anything)
-        wanted = settings_from(args).area_settings()
-        validate_schema(AreaSettings, wanted)  # bad values, before the area is touched
-        WorkArea(args.work_area).settings(wanted)
-    except (VtabError, StorageError) as exc:
-        key = getattr(exc, "key", None)
-        print(f"main_runner: {'--' + key + ': ' if key else ''}"
-              f"{getattr(exc, 'message', exc)}", file=sys.stderr)
-        return CANNOT_RUN_EXIT
-    if len(devices) == 1:
-        return run_one(args, devices[0])
-    return supervise(args, _without_devices(argv), devices)
-
-
-def _without_devices(argv: list[str]) -> list[str]:
-    out, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == "--devices":
-            skip = True
-        elif not arg.startswith("--devices="):
-            out.append(arg)
-    return out
-
-
-if __name__ == "__main__":
-    sys.exit(main())

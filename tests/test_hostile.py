@@ -390,8 +390,8 @@ def test_pipelines_with_stages_never_reached_or_negative_counts_are_refused(
 
 def test_a_name_reserved_by_a_claim_that_died_before_writing_is_taken_back(
         area: WorkArea) -> None:
+    from vtab.claims import fingerprint as _fingerprint
     from vtab.pipeline import prepare_root
-    from vtab.runner import _fingerprint
 
     doc = _sleep_job(name="p")
     root = prepare_root(doc, "p")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -12,7 +13,7 @@ from vtab.devices import environment_failure
 from vtab.errors import Advice, ConfigError, RunnerEnvironmentError
 from vtab.evaluation.schemas import LinearProbeConfig
 from vtab.fsutil import append_line
-from vtab.pipeline import StageContext, register_kind
+from vtab.pipeline import RunMany, StageContext, register_kind
 from vtab.schema import Field, Section
 
 
@@ -24,21 +25,52 @@ def _complete_linear_probe(config: LinearProbeConfig, device: str) -> LinearProb
     return _import_probe().complete_config(config, device)
 
 
+def _linear_probe_batch_key(config: LinearProbeConfig) -> str | None:
+    return _import_probe().batch_key(config)
+
+
+def _linear_probes(configs: list[LinearProbeConfig],
+                   ctxs: list[StageContext]) -> list[dict[str, Any] | Exception]:
+    """Siblings' probes in one pass: features loaded once, every head trained together."""
+    outputs: list[dict[str, Any] | Exception | None] = [None] * len(configs)
+    trusted = []
+    for i, (config, ctx) in enumerate(zip(configs, ctxs, strict=True)):
+        try:
+            _check_trusted(config, ctx.trusted_modules)
+            trusted.append(i)
+        except ConfigError as exc:
+            outputs[i] = exc
+    if trusted:
+        ctx = ctxs[trusted[0]]  # one runner's contexts: the same device, cache and workers
+        try:
+            found = _import_probe().run_linear_probes(
+                [configs[i] for i in trusted], cache_dir=ctx.features_cache(),
+                device=ctx.device, num_workers=ctx.num_workers, progress=ctx.progress,
+                outputs_dirs=[ctxs[i].outputs_dir() for i in trusted])
+        except Exception as exc:
+            reason = environment_failure(exc)
+            if reason is None:
+                raise
+            raise RunnerEnvironmentError(f"{reason} ({type(exc).__name__}: {exc})") from exc
+        for i, output in zip(trusted, found, strict=True):
+            outputs[i] = output
+    return outputs  # every config has its output or its error
+
+
+def _one(run_many: RunMany, config: Any, ctx: StageContext) -> dict[str, Any]:
+    """A kind's single run: its `run_many` with one config."""
+    (output,) = run_many([config], [ctx])
+    if isinstance(output, Exception):
+        raise output
+    return output
+
+
 @register_kind("linear_probe", LinearProbeConfig, inspect=_inspect_linear_probe,
-               complete=_complete_linear_probe)
+               complete=_complete_linear_probe, batch_key=_linear_probe_batch_key,
+               run_many=_linear_probes)
 def linear_probe(config: LinearProbeConfig, ctx: StageContext) -> dict[str, Any]:
     """Frozen backbone features (cached) of one or more layers, and a head trained on each."""
-    _check_trusted(config, ctx.trusted_modules)
-    probe = _import_probe()
-    try:
-        return probe.run_linear_probe(
-            config, cache_dir=ctx.features_cache(), device=ctx.device,
-            num_workers=ctx.num_workers, progress=ctx.progress, outputs_dir=ctx.outputs_dir())
-    except Exception as exc:
-        reason = environment_failure(exc)
-        if reason is None:
-            raise
-        raise RunnerEnvironmentError(f"{reason} ({type(exc).__name__}: {exc})") from exc
+    return _one(_linear_probes, config, ctx)
 
 
 def _check_trusted(config: LinearProbeConfig, trusted: tuple[str, ...]) -> None:
@@ -76,6 +108,9 @@ class SleepSettings(Section):
                                      "when its body completes (shows whether a job ran twice); "
                                      f"only inside the folder the runner's {LOG_DIR} names")
     result: float = Field(0.0, description="the result the job reports")
+    batch: bool = Field(False, description="sibling jobs with equal settings but their "
+                                           "result, seed and log wait together, in one pass "
+                                           "(for testing batches)")
 
 
 class SleepConfig(Section):
@@ -109,11 +144,44 @@ def _inspect_sleep(config: SleepConfig) -> list[ConfigError | Advice]:
     return []
 
 
-@register_kind("sleep", SleepConfig, inspect=_inspect_sleep)
+def _sleep_batch_key(config: SleepConfig) -> str | None:
+    if not config.sleep.batch:
+        return None
+    shared = config.model_dump(mode="json")
+    shared.pop("seed")
+    for key in ("result", "log"):
+        shared["sleep"].pop(key)
+    return json.dumps(shared, sort_keys=True)
+
+
+def _sleeps(configs: list[SleepConfig],
+            ctxs: list[StageContext]) -> list[dict[str, Any] | Exception]:
+    """Wait once for every job, then each logs and reports its own result."""
+    logs: list[Path | Exception | None] = []
+    for config in configs:
+        try:
+            logs.append(_sleep_log(config))
+        except ConfigError as exc:
+            logs.append(exc)
+    time.sleep(max(config.sleep.seconds for config in configs))
+    outputs: list[dict[str, Any] | Exception] = []
+    for config, ctx, log in zip(configs, ctxs, logs, strict=True):
+        if isinstance(log, Exception):
+            outputs.append(log)
+            continue
+        try:
+            if log is not None:
+                append_line(log, f"{ctx.job['id']} {os.getpid()}")
+        except OSError as exc:  # this job's own failure (a log that is a folder, say)
+            outputs.append(exc)
+            continue
+        outputs.append({"result": config.sleep.result,
+                        "metrics": {config.metric: config.sleep.result}})
+    return outputs
+
+
+@register_kind("sleep", SleepConfig, inspect=_inspect_sleep, batch_key=_sleep_batch_key,
+               run_many=_sleeps)
 def sleep(config: SleepConfig, ctx: StageContext) -> dict[str, Any]:
     """A job that only waits: for testing the work area and measuring queue overhead."""
-    log = _sleep_log(config)
-    time.sleep(config.sleep.seconds)
-    if log is not None:
-        append_line(log, f"{ctx.job['id']} {os.getpid()}")
-    return {"result": config.sleep.result, "metrics": {config.metric: config.sleep.result}}
+    return _one(_sleeps, config, ctx)

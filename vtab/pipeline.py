@@ -14,13 +14,14 @@ docs/PIPELINES.md describes the format for users.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import json
 import re
 import socket
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,10 @@ class StageContext:
 # problems and advice about a config without doing the work.
 RunKind = Callable[[Any, StageContext], dict[str, Any]]
 Inspect = Callable[[Any], list[ConfigError | Advice]]
+# Sibling jobs whose configs give equal keys can run in one pass (`run_many`); None: alone.
+BatchKey = Callable[[Any], Hashable | None]
+# Configs with equal batch keys, one context each -> each job's output, or the error that ends it.
+RunMany = Callable[[list[Any], list[StageContext]], list["dict[str, Any] | Exception"]]
 
 
 @dataclass(frozen=True)
@@ -120,6 +125,8 @@ class JobKind:
     run: RunKind
     inspect: Inspect | None = None
     complete: Callable[[Any, str], Any] | None = None  # (config, device) -> config
+    batch_key: BatchKey | None = None
+    run_many: RunMany | None = None
 
 
 KINDS: Registry[JobKind] = Registry("job kind", "hyperparams.kind")
@@ -128,9 +135,14 @@ KINDS: Registry[JobKind] = Registry("job kind", "hyperparams.kind")
 def register_kind(name: str, schema: type[Section], *,
                   inspect: Inspect | None = None,
                   complete: Callable[[Any, str], Any] | None = None,
+                  batch_key: BatchKey | None = None,
+                  run_many: RunMany | None = None,
                   ) -> Callable[[RunKind], RunKind]:
+    if (batch_key is None) != (run_many is None):
+        raise ValueError(f"job kind {name}: batch_key and run_many come together")
+
     def add(run: RunKind) -> RunKind:
-        KINDS.register(name)(JobKind(name, schema, run, inspect, complete))
+        KINDS.register(name)(JobKind(name, schema, run, inspect, complete, batch_key, run_many))
         return run
 
     return add
@@ -545,23 +557,96 @@ def _check_not_forked_before(doc: Mapping[str, Any], stage: str, ids: list[str])
 
 
 def _run_kind(doc: dict[str, Any], stage: str, ctx: StageContext) -> None:
-    if doc.get("result_stage") == stage and "result" in doc:
+    if _has_result(doc, stage):
         return  # re-running a job that already has its result does not train again
-    kind, config = kind_call(doc, stage)
-    if kind.complete is not None:
-        config = kind.complete(config, ctx.device)
+    kind, config = _completed_call(doc, stage, ctx.device)
     started = time.monotonic()
-    try:
+    with _no_exit():
         output = kind.run(config, ctx)
+    _record_run(doc, stage, kind, config, output, time.monotonic() - started, ctx)
+
+
+def _has_result(doc: Mapping[str, Any], stage: str) -> bool:
+    return doc.get("result_stage") == stage and "result" in doc
+
+
+def _completed_call(doc: Mapping[str, Any], stage: str, device: str) -> tuple[JobKind, Section]:
+    kind, config = kind_call(doc, stage)
+    return kind, config if kind.complete is None else kind.complete(config, device)
+
+
+@contextlib.contextmanager
+def _no_exit() -> Iterator[None]:
+    try:
+        yield
     except SystemExit as exc:  # code a job named called sys.exit: the job fails, not the runner
         raise VtabError(f"the job tried to end its runner (SystemExit {exc.code!r})") from None
+
+
+def _record_run(doc: dict[str, Any], stage: str, kind: JobKind, config: Section,
+                output: Mapping[str, Any], seconds: float, ctx: StageContext,
+                batch: list[str] | None = None) -> None:
     doc.update(output)
     # Exactly what ran: every key the kind read, defaults filled in, nothing it ignored.
     doc["run_config"] = {"kind": kind.name, **config.model_dump(mode="json")}
-    doc.setdefault("timings", {})["total_s"] = round(time.monotonic() - started, 3)
+    doc.setdefault("timings", {})["total_s"] = round(seconds, 3)
+    if batch:  # the time is the whole pass's, shared by these jobs
+        doc["batch"] = {"jobs": batch}
     doc["result_stage"] = stage
     doc["provenance"] = {**environment(ctx.device), "host": ctx.host, "runner": ctx.runner,
                          "finished_at": now_iso()}
+
+
+def batch_key(doc: Mapping[str, Any], device: str) -> Hashable | None:
+    """What a job at its current stage must share with its siblings to run in one pass with
+    them; None when it runs alone (a stage that is no hyperparams stage, a kind that cannot
+    batch, a config that does not check: it crashes alone)."""
+    stage = doc.get("current_stage")
+    if "finished_in" in doc or "waiting_for" in doc or _has_result(doc, str(stage)):
+        return None
+    try:
+        if stage_kind(doc["stages"], stage) != "hyperparams":
+            return None
+        kind, config = _completed_call(doc, stage, device)
+    except Exception:  # a job that cannot be read so far is run alone, where it says why
+        return None
+    if kind.batch_key is None:
+        return None
+    key = kind.batch_key(config)
+    return None if key is None else (stage, kind.name, key)
+
+
+def execute_batch(docs: list[dict[str, Any]],
+                  ctxs: list[StageContext]) -> list[Outcome | Exception]:
+    """Run the current hyperparams stage of sibling jobs with equal `batch_key`s in one pass.
+
+    Each job gets its outcome, or the error that ends it alone (its config fails its checks,
+    its own evaluation fails); an error of the shared pass is raised for the caller to end
+    every job with.
+    """
+    stage = docs[0]["current_stage"]
+    ends: list[Any] = [None] * len(docs)
+    calls: dict[int, tuple[JobKind, Section]] = {}
+    for i, doc in enumerate(docs):
+        try:
+            calls[i] = _completed_call(doc, stage, ctxs[i].device)
+        except Exception as exc:
+            ends[i] = exc
+    if calls:
+        kind = next(iter(calls.values()))[0]
+        started = time.monotonic()
+        with _no_exit():
+            outputs = kind.run_many([config for _, config in calls.values()],
+                                    [ctxs[i] for i in calls])
+        seconds = time.monotonic() - started
+        batch = [docs[i]["id"] for i in calls] if len(calls) > 1 else None
+        for (i, (_, config)), output in zip(calls.items(), outputs, strict=True):
+            if isinstance(output, Exception):
+                ends[i] = output
+                continue
+            _record_run(docs[i], stage, kind, config, output, seconds, ctxs[i], batch)
+            ends[i] = after(docs[i], stage)
+    return ends  # every job has its end: an error above, or its output
 
 
 # -- checking a whole pipeline -----------------------------------------------------------------

@@ -16,7 +16,7 @@ import json
 import math
 import sys
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,15 @@ MISSING = "-"
 _LABELS = ("pipeline", "backbone", "metric")
 _SHORT_KEYS = {"weight_decay": "wd"}
 _REQUIRED = object()
+
+
+def one_per_pass(jobs: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """One job of each pass that ran: sibling jobs trained in one pass (their ``batch``) share
+    its record of features and time, which counts once."""
+    passes: dict[tuple[str, ...], Mapping[str, Any]] = {}
+    for job in jobs:
+        passes.setdefault(tuple(job.get("batch", {"jobs": [job["id"]]})["jobs"]), job)
+    return list(passes.values())
 
 
 class ResultsError(VtabError):

@@ -9,39 +9,36 @@ job in hand to the queue at once.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
+import functools
 import logging
 import os
 import signal
 import socket
 import threading
 import time
-import traceback
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 from vtab import kinds, processors, provenance, yamlio  # noqa: F401  (registers kinds and processors)
-from vtab.errors import ConfigError, RunnerEnvironmentError, VtabError
+from vtab.claims import ClaimHandle
+from vtab.errors import RunnerEnvironmentError, VtabError
 from vtab.pipeline import (
     DEFAULT_MAX_GRID_POINTS,
     Advance,
     Finish,
+    Outcome,
     StageContext,
-    Wait,
-    check_plan,
+    batch_key,
+    execute_batch,
     execute_stage,
     join,
     missing_children,
-    prepare_root,
-    validate,
 )
 from vtab.workarea import (
     CRASHED,
-    FINISHED,
     RUNNING,
     SUFFIX,
     WAITING,
@@ -52,13 +49,13 @@ from vtab.workarea import (
     StorageError,
     UnsafeFolder,
     WorkArea,
-    describe_owner,
     is_valid_id,
     is_whole,
 )
 
 log = logging.getLogger("vtab.runner")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+DEFAULT_MAX_BATCH = 64
 # Exit codes (README, "Exit codes"); a stop signal N gives 128 + N.
 DRAINED_EXIT = 0  # everything this runner worked on ended finished or summarized
 CANNOT_RUN_EXIT = 2  # this runner cannot run jobs here (devices, install, storage); bad arguments
@@ -73,6 +70,21 @@ class NotSettled(Exception):
         super().__init__(f"may still be being written; looked at again in {seconds:.1f} s")
         self.seconds = seconds
         self.written_ago = written_ago
+
+
+@dataclass(frozen=True)
+class StageRun:
+    """A stage that ran: recorded in the job's history."""
+
+    stage: str
+    started_at: str
+    seconds: float
+    batch: int = 1  # jobs that ran it in one pass
+
+    def record(self, runner: str) -> dict[str, Any]:
+        entry = {"stage": self.stage, "runner": runner, "started_at": self.started_at,
+                 "seconds": round(self.seconds, 3)}
+        return entry if self.batch == 1 else {**entry, "jobs_in_pass": self.batch}
 
 
 class StopRequested(BaseException):
@@ -92,6 +104,7 @@ class RunnerSettings:
     max_attempts: int = 3
     idle_limit: float | None = None
     max_jobs: int | None = None
+    max_batch: int = DEFAULT_MAX_BATCH  # sibling jobs run in one pass; 1: one job per claim
     num_workers: int = 0
     cache_dir: Path | None = None
     max_grid_points: int = DEFAULT_MAX_GRID_POINTS
@@ -355,47 +368,142 @@ class Runner:
             self._interruptible = False
             raise StopRequested
 
-    # -- one job -------------------------------------------------------------------------------
+    # -- one claim, or a batch of siblings --------------------------------------------------------
 
     def process(self, claim: Claim) -> bool:
-        """Drive a claimed job as far as it goes; never let it kill the runner. False if the
-        job was put back untouched, to be looked at later (a file still being written)."""
-        with self._holding(claim):
+        """Drive a claimed job as far as it goes (with the queued siblings that can share its
+        next pass); never let it kill the runner. False if the job was put back untouched, to
+        be looked at later (a file still being written)."""
+        handle = ClaimHandle(self, claim)
+        with contextlib.ExitStack() as held:
+            held.enter_context(self._holding(claim))
             try:
-                handled = self._drive(claim)
-            except StorageError as exc:
-                self._storage_trouble(claim, exc)
-            except Exception as exc:  # the job's error could not be recorded in its yaml
-                log.exception("%s: recording the error failed", claim.job_id)
-                self._crash_unreadable(claim, exc)
-            else:
-                self._storage_failures = 0
-                return handled
+                opened = self._guarded(handle, handle.open)
+            except NotSettled as exc:
+                self._not_yet(claim, exc)
+                return False
+            if not opened:
+                return True
+            siblings, misfits = self._claim_siblings(handle, held)
+            self.claims += len(siblings) + len(misfits)  # step() counts the first
+            if siblings:
+                self._run_batch([handle, *siblings])
+            for one in misfits if siblings else [handle, *misfits]:
+                self._guarded(one, functools.partial(self._run_stages, one))
         return True
 
-    def _drive(self, claim: Claim) -> bool:
-        doc: dict[str, Any] | None = None
+    def _guarded(self, handle: ClaimHandle, step: Callable[[], object]) -> bool:
+        """Run one step of a claimed job; if it fails, end the claim as its error says (the
+        error goes into the job's yaml). True if the step completed. NotSettled is raised."""
         try:
-            doc = self._open(claim)
-            if doc is not None:
-                self._run_stages(claim, doc)
-        except NotSettled as exc:
-            self._not_yet(claim, exc)
-            return False
-        except StopRequested:
-            self._give_back(claim, doc)
-        except RunnerEnvironmentError as exc:
+            try:
+                step()
+                return True
+            except (NotSettled, StorageError):
+                raise
+            except BaseException as exc:
+                if not self._end(handle, exc):
+                    raise
+            finally:
+                self._storage_failures = 0
+        except StorageError as exc:  # not the job's fault: the job is kept, the runner backs off
+            self._storage_trouble(handle.claim, exc)
+        except NotSettled:
+            raise
+        except Exception as exc:  # the job's error could not be recorded in its yaml
+            log.exception("%s: recording the error failed", handle.job_id)
+            handle.crash_unreadable(exc)
+        return False
+
+    def _end(self, handle: ClaimHandle, exc: BaseException) -> bool:
+        """End a claim as `exc` says; False for an exception that is not the job's to end."""
+        if isinstance(exc, StopRequested):
+            handle.give_back()
+        elif isinstance(exc, RunnerEnvironmentError):
             self.broken = str(exc)
-            self._environment_failed(claim, doc, exc)
-        except LeaseLost:
-            self._lost(claim, doc)
-        except VtabError as exc:
-            self._crash(claim, doc, exc)
-        except StorageError:
-            raise  # not the job's fault: the caller keeps the job and backs off
-        except Exception as exc:
-            self._retry_or_crash(claim, doc, exc)
+            handle.environment_failed(exc)
+        elif isinstance(exc, LeaseLost):
+            handle.lost()
+        elif isinstance(exc, VtabError):
+            handle.crash(exc)
+        elif isinstance(exc, Exception):
+            handle.retry_or_crash(exc)
+        else:
+            return False
         return True
+
+    def _claim_siblings(self, handle: ClaimHandle, held: contextlib.ExitStack,
+                        ) -> tuple[list[ClaimHandle], list[ClaimHandle]]:
+        """Claim the queued siblings of `handle`'s job that can run its next stage in the same
+        pass (same parent, equal batch keys), up to max_batch jobs in all. Returns them, and
+        those claimed that turned out unable to join (changed since they were looked at):
+        they run alone."""
+        doc = handle.doc
+        limit = self.settings.max_batch
+        if self.settings.max_jobs is not None:
+            limit = min(limit, self.settings.max_jobs - self.claims)
+        key = batch_key(doc, self.device) if limit > 1 and doc.get("parent") else None
+        if key is None or self.stop_signal is not None:
+            return [], []
+        prefix = f"{doc['parent']}__"  # children's ids extend their parent's (pipeline.py)
+        joined: list[ClaimHandle] = []
+        misfits: list[ClaimHandle] = []
+        for path in self.area.queued():
+            if len(joined) + 1 >= limit or self.stop_signal is not None:
+                break
+            if not path.name.startswith(prefix) or not self._may_join(path, doc, key):
+                continue
+            claim = self.area.claim(path)
+            if claim is None:  # another runner was faster
+                continue
+            held.enter_context(self._holding(claim))
+            sibling = ClaimHandle(self, claim)
+            try:
+                if not self._guarded(sibling, sibling.open):
+                    continue
+            except NotSettled as exc:
+                self._not_yet(claim, exc)
+                continue
+            same = (sibling.doc.get("parent") == doc["parent"]
+                    and batch_key(sibling.doc, self.device) == key)
+            (joined if same else misfits).append(sibling)
+        return joined, misfits
+
+    def _may_join(self, path: Path, doc: Mapping[str, Any], key: Hashable) -> bool:
+        """A look at a queued file, before claiming it: a sibling that can join the batch."""
+        try:
+            other = yamlio.load_mapping(path)
+        except Exception:  # gone, being written, or broken: whoever claims it says why
+            return False
+        return (other.get("parent") == doc["parent"] and other.get("pipeline") == doc["pipeline"]
+                and batch_key(other, self.device) == key)
+
+    def _run_batch(self, batch: list[ClaimHandle]) -> None:
+        """Run the current stage of sibling jobs in one pass, then let each go on alone.
+
+        Every job ends on its own: one whose config or evaluation fails crashes (or is retried)
+        alone; a stop signal gives each back; a lost claim is dropped alone. An error of the
+        shared pass ends every job of the batch with that error.
+        """
+        stage = batch[0].doc["current_stage"]
+        log.info("%s and %d sibling(s): stage %s in one pass", batch[0].job_id, len(batch) - 1,
+                 stage)
+        started, started_at = time.monotonic(), provenance.now_iso()
+        try:
+            self._interruptible = True
+            if self.stop_signal is not None:
+                raise StopRequested
+            ends: list[Outcome | BaseException] = execute_batch(
+                [h.doc for h in batch], [self._context(h) for h in batch])
+        except BaseException as exc:
+            if not isinstance(exc, (StopRequested, Exception)):
+                raise
+            ends = [exc] * len(batch)
+        finally:
+            self._interruptible = False
+        ran = StageRun(stage, started_at, time.monotonic() - started, len(batch))
+        for handle, end in zip(batch, ends, strict=True):
+            self._guarded(handle, functools.partial(self._run_stages, handle, (ran, end)))
 
     def _not_yet(self, claim: Claim, exc: NotSettled) -> None:
         """Put a file that may still be being written back as it was, and leave it alone for a
@@ -418,24 +526,6 @@ class Runner:
             yield
         finally:
             self.heartbeat.drop(claim)
-
-    def _lost(self, claim: Claim, doc: dict[str, Any] | None) -> None:
-        """The claim file is gone: taken over by another runner, or deleted by hand."""
-        self.area.discard_outputs(claim.path)
-        if doc is None:
-            log.warning("%s: its file vanished before this runner read it (taken over by another "
-                        "runner or deleted by hand); nothing to keep", claim.job_id)
-            return
-        job_id = doc["id"]
-        if self.area.locate(job_id, doc.get("pipeline")) is not None:
-            log.warning("%s was taken over by another runner; dropping this copy", job_id)
-            return
-        doc["error"] = self._error_record(
-            VtabError(f"the job's file {claim.path} was deleted while this runner held it; "
-                      "its last state is kept here"), claim, doc)
-        doc.pop("lease", None)
-        self._note_crash(self.area.keep_crashed(job_id, doc), doc.get("pipeline"), doc["error"])
-        log.error("%s: its file was deleted while running; saved to crashed/", job_id)
 
     def _storage_trouble(self, claim: Claim | None, exc: StorageError) -> None:
         """The work area cannot be written: leave the job as it was last written, back off.
@@ -463,39 +553,7 @@ class Runner:
         while self.stop_signal is None and (left := deadline - time.monotonic()) > 0:
             time.sleep(min(left, 0.1))
 
-    def _open(self, claim: Claim) -> dict[str, Any]:
-        """Read and check a claimed job, count the attempt."""
-        doc = self._read_checked(claim)
-        if "error" in doc:  # moved back from crashed/ by hand: a fresh series of attempts
-            doc.setdefault("previous_errors", []).append(doc.pop("error"))
-            doc["attempts"] = 0
-            doc.pop("environment_failures", None)
-        doc["attempts"] = int(doc.get("attempts") or 0) + 1
-        doc["lease"] = {"runner": self.id, "host": self.settings.host, "pid": os.getpid(),
-                        "device": self.device, "claimed_at": provenance.now_iso()}
-        if doc["attempts"] > self.settings.max_attempts:
-            raise VtabError(f"gave up after {self.settings.max_attempts} attempts at stage "
-                            f"{doc['current_stage']!r}; the errors are under 'errors'")
-        self.area.write(claim, doc)
-        return doc
-
-    def _read_checked(self, claim: Claim) -> dict[str, Any]:
-        raw = self.area.read_bytes(claim)
-        if not is_whole(raw):  # not written by a runner, nor ended by hand: cp may be writing
-            self._check_settled(claim)
-        doc = yamlio.parse_mapping(raw, str(claim.path))
-        if "id" not in doc:
-            doc = prepare_root(doc, claim.job_id)
-            # Every job the pipeline will run, against its kind's schema, before any fork,
-            # and before its name is taken: a pipeline refused here can be fixed and queued.
-            check_plan(doc, self.settings.max_grid_points, deep=False).raise_errors(
-                "checked when the pipeline was first claimed, before anything was forked")
-            self._check_name_is_free(claim, doc)
-            return doc
-        validate(doc)  # its ids too: no key of a job leads out of the work area
-        return doc
-
-    def _check_settled(self, claim: Claim) -> None:
+    def check_settled(self, claim: Claim) -> None:
         """Raise NotSettled unless the file has been left alone for settle_time: by the
         filesystem's clock (last write to the claim), or else as watched on this runner's
         clock (size and inode unchanged), for filesystems whose renames keep the change time."""
@@ -514,124 +572,54 @@ class Runner:
             raise NotSettled(left, ago)
         del self._watched[claim.job_id]
 
-    def _check_name_is_free(self, claim: Claim, root: dict[str, Any]) -> None:
-        """A pipeline's name is its root's id, reserved for it for the life of the work area.
+    def _context(self, handle: ClaimHandle) -> StageContext:
+        return replace(self.ctx, job=handle.doc, staging=self.area.staging(handle.claim))
 
-        The reservation names the pipeline's content and the claim that made it. It is taken
-        over (one atomic step, see WorkArea.take_over) only where nothing can be lost: by the
-        same pipeline once it finished (a re-run computes nothing new) or after the claim that
-        reserved it ended before the root was written (its runner died); by another pipeline
-        only if the first one never forked and is not in flight (it crashed early: fixed and
-        queued again). Of two pipelines queued at once under one name exactly one is taken.
-        """
-        name = root["id"]
-        owner = {"pipeline": name, "fingerprint": _fingerprint(root), "instance": claim.token}
-        held = self.area.reserve(name, owner)
-        if held is None:
-            self._check_older_files(claim, root)  # jobs of an area older than reservations
+    def _run_stages(self, handle: ClaimHandle,
+                    done: tuple[StageRun, Outcome | BaseException] | None = None) -> None:
+        """Run the job's stages until it waits or ends; `done`: its current stage already ran
+        (in a batch), with this outcome or error."""
+        doc = handle.doc
+        if done is None and ("finished_in" in doc or "waiting_for" in doc):
+            handle.place()  # settled by a runner that died before moving it
             return
-        where = next((p for p in self.area.places(name, name) if p != claim.path), None)
-        in_flight = self.area.holds_claim(str(held.get("instance"))) or (
-            where is not None and where.parent.name != CRASHED)
-        seen = f" ({where.relative_to(self.area.root)})" if where else ""
-        same = held.get("fingerprint") == owner["fingerprint"] and not held.get("parent")
-        if same and self.area.done_path(name, name) is not None:
-            free = True  # a re-run of the finished pipeline
-        elif same:
-            free = not in_flight  # its first claim ended before writing it: a runner died
-        else:  # another pipeline: only in place of one that crashed before it forked
-            free = ("fingerprint" in held and not held.get("forked") and not in_flight
-                    and self.area.done_path(name, name) is None)
-        if free and self.area.take_over(name, held, owner):
-            return
-        if same:
-            raise ConfigError("name", f"{name!r} names this same pipeline, queued before and not "
-                                      f"finished{seen or ' (another copy is being started)'}; "
-                                      "to retry a crashed one, move its file back from crashed/")
-        other = describe_owner(held) if "fingerprint" not in held else "another pipeline"
-        raise ConfigError("name", f"{name!r} already names {other} in this work area{seen}, "
-                                  "which has forked jobs or is in flight; give this one "
-                                  "another name")
-
-    def _check_older_files(self, claim: Claim, root: dict[str, Any]) -> None:
-        """Files with this id from before reservations existed: the same rule, by content."""
-        for other in self.area.places(root["id"], root["pipeline"]):
-            if other == claim.path:
-                continue
-            try:
-                found = yamlio.load_mapping(other)
-            except (OSError, VtabError):
-                found = {}
-            if found.get("id") not in (None, root["id"]):
-                continue  # another job's file that only looks alike (crashed/a+2.yaml)
-            same = {k: found.get(k) for k in ("config", "stages")} == {
-                k: root[k] for k in ("config", "stages")}
-            if same and other.parent.name in (FINISHED, "jobs"):
-                continue
-            what = "this pipeline, still in flight," if same else "another pipeline"
-            raise ConfigError("name", f"{root['id']!r} already names {what} in this work area "
-                                      f"({other.relative_to(self.area.root)}); give this one "
-                                      "another name")
-
-    def _run_stages(self, claim: Claim, doc: dict[str, Any]) -> None:
-        if "finished_in" in doc or "waiting_for" in doc:
-            self._place(claim, doc)  # settled by a runner that died before moving it
-            return
-        ctx = replace(self.ctx, job=doc, staging=self.area.staging(claim))
+        ctx = self._context(handle)
         while True:
-            stage = doc["current_stage"]
-            started, started_at = time.monotonic(), provenance.now_iso()
-            log.info("%s: stage %s", doc["id"], stage)
-            self._interruptible = True
-            try:
-                if self.stop_signal is not None:  # it came while the job was read or written
-                    raise StopRequested
-                outcome = execute_stage(doc, ctx)
-            finally:
-                self._interruptible = False
+            ran, outcome = done or self._run_stage(doc, ctx)
+            done = None
+            if isinstance(outcome, BaseException):
+                raise outcome
             if self.stop_signal is not None and not isinstance(outcome, Finish):
                 raise StopRequested  # the signal came between two stages: stop here
-            doc.setdefault("history", []).append({
-                "stage": stage, "runner": self.id, "started_at": started_at,
-                "seconds": round(time.monotonic() - started, 3)})
+            doc.setdefault("history", []).append(ran.record(self.id))
             if isinstance(outcome, Advance):
-                doc["current_stage"], doc["attempts"] = outcome.stage, 0
-                doc.pop("environment_failures", None)
-                self.area.write(claim, doc)
+                handle.advance(outcome.stage)
                 continue
-            self._settle(claim, doc, outcome)
+            handle.settle(outcome)
             return
 
-    def _settle(self, claim: Claim, doc: dict[str, Any], outcome: Wait | Finish) -> None:
-        """Record the outcome in the job, then move the file where the content says."""
-        doc["attempts"] = 0
-        doc.pop("environment_failures", None)
-        doc.pop("lease", None)
-        if isinstance(outcome, Finish):
-            doc["finished_at"] = provenance.now_iso()
-            doc["finished_in"] = outcome.folder
-        self.area.write(claim, doc)
-        self.area.publish_outputs(claim, doc["pipeline"], doc["id"])  # still ours: just written
-        self._place(claim, doc)
+    def _run_stage(self, doc: dict[str, Any], ctx: StageContext) -> tuple[StageRun, Outcome]:
+        stage = doc["current_stage"]
+        started, started_at = time.monotonic(), provenance.now_iso()
+        log.info("%s: stage %s", doc["id"], stage)
+        self._interruptible = True
+        try:
+            if self.stop_signal is not None:  # it came while the job was read or written
+                raise StopRequested
+            outcome = execute_stage(doc, ctx)
+        finally:
+            self._interruptible = False
+        return StageRun(stage, started_at, time.monotonic() - started), outcome
 
-    def _place(self, claim: Claim, doc: dict[str, Any]) -> None:
-        """Move a settled job (finished or waiting) into its folder, then release who waits.
+    def remember_parent(self, parent: str, child: str, pipeline: object) -> None:
+        """A parent that was not waiting when its child finished: looked for at the end."""
+        self._parents[parent] = (child, pipeline)
 
-        Content is written before the move, so a runner that dies in between leaves a job
-        whose next holder only has to move it: nothing runs twice.
-        """
-        if "finished_in" not in doc:
-            self.area.move(claim, WAITING, doc["id"])
-            log.info("%s: waits for %d jobs", doc["id"], len(doc["waiting_for"]["children"]))
-            self.try_release(doc["id"])
-            return
-        folder = self.area.end_folder(doc["finished_in"], doc.get("pipeline"))
-        self.area.move(claim, folder, doc["id"])
-        self.jobs_done += 1
-        result = f" result={doc['result']:.4f}" if isinstance(doc.get("result"), float) else ""
-        log.info("%s: finished%s", doc["id"], result)
-        if doc.get("parent") and not self.try_release(doc["parent"]):
-            self._parents[doc["parent"]] = (doc["id"], doc.get("pipeline"))
+    def note_crash(self, path: Path, pipeline: object, error: dict[str, Any]) -> None:
+        """Remember a crash record this runner made, for its exit code and last words."""
+        first_line = (str(error.get("message")).splitlines() or [""])[0]
+        self.crashed[path] = (pipeline if isinstance(pipeline, str) else path.stem,
+                              f"{error.get('type')}: {first_line}")
 
     def try_release(self, job_id: object) -> bool:
         """If `job_id` waits and all its children are finished, move it on (exactly once).
@@ -666,14 +654,16 @@ class Runner:
                 self.area.write(claim, doc)
                 self.area.requeue(claim, doc["id"])
             else:
-                self._settle(claim, doc, outcome)
+                handle = ClaimHandle(self, claim)
+                handle.doc = doc
+                handle.settle(outcome)
             return True
         except LeaseLost:
             return False
         except StorageError:
             raise
         except Exception as exc:
-            self._crash(claim, None, exc)
+            ClaimHandle(self, claim).crash(exc)
             return True
 
     def recover(self, stale: Path) -> bool:
@@ -707,121 +697,3 @@ class Runner:
         except (OSError, VtabError):
             self.area.requeue(claim)  # unreadable content: give it back as it is
         return True
-
-    # -- endings -------------------------------------------------------------------------------
-
-    def _environment_failed(self, claim: Claim, doc: dict[str, Any] | None,
-                            exc: RunnerEnvironmentError) -> None:
-        """The runner's environment failed the job: give it back uncounted (this runner stops).
-
-        A job that fails so on `max_attempts` runners in a row is crashed after all: every
-        runner failing alike points at the job (a batch no GPU can hold), and without a limit
-        it would stop every runner that claims it.
-        """
-        if doc is None:
-            self._give_back(claim, doc)
-            return
-        failures = int(doc.get("environment_failures") or 0) + 1
-        doc["environment_failures"] = failures
-        if failures >= self.settings.max_attempts:
-            self._crash(claim, doc, exc, note=(
-                f"{failures} runners in a row could not run it because of their environment "
-                "(see errors); if the job asks for more than any of them has, change its "
-                "config, else fix the runners; then move it back into the work area"))
-            return
-        doc.setdefault("errors", []).append({
-            **self._error_record(exc, claim, doc),
-            "note": "the runner's environment, not the job: not counted as an attempt; the "
-                    f"runner gave the job back and stopped ({failures} in a row)"})
-        self._give_back(claim, doc)
-
-    def _give_back(self, claim: Claim, doc: dict[str, Any] | None) -> None:
-        """The runner stops: the attempt does not count, the job goes back to the queue."""
-        if doc is not None:
-            doc["attempts"] = max(0, int(doc.get("attempts") or 1) - 1)
-        self._write_and_move(claim, doc, self.area.root)
-        log.info("%s: returned to the queue (this runner stops)", claim.job_id)
-
-    def _write_and_move(self, claim: Claim, doc: dict[str, Any] | None, folder: Path,
-                        job_id: str | None = None) -> Path | None:
-        """Write `doc` (when there is one) without its lease, then move the claim to `folder`;
-        where it went, or None when the lease was lost (another runner holds the job now)."""
-        self.area.discard_outputs(claim.path)  # a job that did not finish publishes nothing
-        try:
-            if doc is not None:
-                doc.pop("lease", None)
-                self.area.write(claim, doc)
-            return self.area.move(claim, folder, job_id or (doc or {}).get("id"))
-        except LeaseLost:
-            return None
-
-    def _error_record(self, exc: BaseException, claim: Claim,
-                      doc: dict[str, Any] | None) -> dict[str, Any]:
-        record = {"type": type(exc).__name__, "message": str(exc),
-                  "file": claim.job_id + SUFFIX, "stage": (doc or {}).get("current_stage"),
-                  "attempt": (doc or {}).get("attempts"), "host": self.settings.host,
-                  "runner": self.id, "at": provenance.now_iso(),
-                  "traceback": "".join(traceback.format_exception(exc)).rstrip()}
-        if isinstance(exc, ConfigError):
-            record["key"] = exc.key
-            record["message"] = str(exc.in_file(record["file"]))
-        return record
-
-    def _retry_or_crash(self, claim: Claim, doc: dict[str, Any] | None, exc: Exception) -> None:
-        attempts = int((doc or {}).get("attempts") or 0)
-        if doc is None or attempts >= self.settings.max_attempts:
-            self._crash(claim, doc, exc, note=f"crashed after {attempts} attempts "
-                                               f"(max_attempts {self.settings.max_attempts})")
-            return
-        log.warning("%s: attempt %d failed (%s: %s); queued again", claim.job_id, attempts,
-                    type(exc).__name__, exc)
-        doc.setdefault("errors", []).append(self._error_record(exc, claim, doc))
-        self._write_and_move(claim, doc, self.area.root)
-
-    def _crash(self, claim: Claim, doc: dict[str, Any] | None, exc: BaseException,
-               note: str | None = None) -> None:
-        if doc is None:  # it failed before its attempt was counted
-            try:
-                doc = self.area.read(claim)
-                doc["attempts"] = int(doc.get("attempts") or 0) + 1
-            except (OSError, VtabError, TypeError, ValueError):
-                self._crash_unreadable(claim, exc)
-                return
-        doc["error"] = self._error_record(exc, claim, doc)
-        if note:
-            doc["error"]["note"] = note
-        log.error("%s crashed: %s", claim.job_id, doc["error"]["message"])
-        job_id = doc["id"] if is_valid_id(doc.get("id")) else claim.job_id
-        target = self._write_and_move(claim, doc, self.area.folder(CRASHED), job_id)
-        if target is not None:
-            self._note_crash(target, doc.get("pipeline"), doc["error"])
-
-    def _note_crash(self, path: Path, pipeline: object, error: dict[str, Any]) -> None:
-        """Remember a crash record this runner made, for its exit code and last words."""
-        first_line = (str(error.get("message")).splitlines() or [""])[0]
-        self.crashed[path] = (pipeline if isinstance(pipeline, str) else path.stem,
-                              f"{error.get('type')}: {first_line}")
-
-    def _crash_unreadable(self, claim: Claim, exc: BaseException) -> None:
-        """Keep the file byte for byte; its error goes beside it in ``<id>.error.txt``."""
-        try:
-            target = self.area.move(claim, CRASHED)
-            report = {"error": {**self._error_record(exc, claim, None),
-                                "note": "the job's yaml could not be read or written; fix it "
-                                        "and move it back into the work area"}}
-            yamlio.write_mapping(target.with_name(target.stem + ".error.txt"), report)
-        except (LeaseLost, OSError):
-            log.exception("%s: could not move it to crashed/", claim.job_id)
-            return
-        self._note_crash(target, None, report["error"])
-        log.error("%s crashed: %s", claim.job_id, exc)
-
-
-# -- command line --------------------------------------------------------------------------
-
-
-def _fingerprint(root: Mapping[str, Any]) -> str:
-    """What makes two pipelines the same: their stages and config, as expanded."""
-    content = json.dumps({k: root.get(k) for k in ("current_stage", "config", "stages")},
-                         sort_keys=True, default=str)
-    return hashlib.sha256(content.encode("utf-8")).hexdigest()

@@ -9,11 +9,14 @@ picks it (so that ``select_best`` can choose a layer or a k like any other axis)
 
 from __future__ import annotations
 
+import copy
 import functools
+import json
 import logging
 import re
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +41,7 @@ from vtab.evaluation.features import (
     extract_reusing,
     resolve_precision,
 )
-from vtab.evaluation.heads import FitSettings, Fitted, HeadInput, fit_heads
+from vtab.evaluation.heads import FitSettings, Fitted, HeadInput, fit_heads_together
 from vtab.evaluation.metrics import TASKS, write_per_sample_csv
 from vtab.evaluation.schemas import GRADIENT_HEADS, LinearProbeConfig
 from vtab.schema import validate
@@ -205,6 +208,24 @@ def _variants(cfg: LinearProbeConfig, fits: list[dict[str, Fitted]]) -> dict[str
     return out
 
 
+# What each head keeps for itself: sibling jobs that differ only in these share a training pass.
+# The seed is shared: one pass has one initialisation and one data order, so that linear heads
+# are one wide layer; siblings of other seeds run in other passes (on other runners at once).
+PER_HEAD_OPTIM = ("lr", "weight_decay", "momentum")
+
+
+def batch_key(config: LinearProbeConfig | Mapping[str, Any]) -> str | None:
+    """Equal for configs that can train in one pass (same features, head, seed and schedule;
+    any learning rate, weight decay, momentum); None for a head not trained by gradient."""
+    cfg = parse_config(config)
+    if cfg.head.kind not in GRADIENT_HEADS:
+        return None
+    shared = cfg.model_dump(mode="json")
+    for key in PER_HEAD_OPTIM:
+        shared["optim"].pop(key, None)
+    return json.dumps(shared, sort_keys=True)
+
+
 def run_linear_probe(config: LinearProbeConfig | Mapping[str, Any], *, cache_dir: Path,
                      device: str = "cpu", num_workers: int = 0, progress: bool = True,
                      outputs_dir: Path | None = None) -> dict[str, Any]:
@@ -214,62 +235,110 @@ def run_linear_probe(config: LinearProbeConfig | Mapping[str, Any], *, cache_dir
     Every key is validated before any work starts. Returns plain YAML-serialisable values;
     ``result`` is the metric named by ``metric``.
     """
-    cfg = parse_config(config)
+    (output,) = run_linear_probes([config], cache_dir=cache_dir, device=device,
+                                  num_workers=num_workers, progress=progress,
+                                  outputs_dirs=[outputs_dir])
+    if isinstance(output, Exception):
+        raise output
+    return output
+
+
+def run_linear_probes(configs: list[LinearProbeConfig | Mapping[str, Any]], *, cache_dir: Path,
+                      device: str = "cpu", num_workers: int = 0, progress: bool = True,
+                      outputs_dirs: list[Path | None] | None = None,
+                      ) -> list[dict[str, Any] | Exception]:
+    """`run_linear_probe` for configs with equal `batch_key`s: the features are loaded once
+    and every head is trained in one pass, each exactly as it would train alone.
+
+    For each config, its output, or the error of its own evaluation; an error of the shared
+    work (features, training) is raised.
+    """
+    cfgs = [parse_config(config) for config in configs]
+    if len(cfgs) > 1 and len({batch_key(cfg) for cfg in cfgs} - {None}) != 1:
+        raise ValueError("configs trained in one pass must differ only in "
+                         "optim.lr, optim.weight_decay and optim.momentum")
+    cfg = cfgs[0]
     spec = resolve_backbone(cfg.backbone)
     torch.manual_seed(cfg.seed)
     splits = _open_splits(cfg)
     classes = num_classes(splits.values())
     trained_classes = _trained_classes(cfg, splits)
-    task = TASKS[cfg.data.task]
 
     start = time.perf_counter()
     features, cache_info = _features(cfg, spec, splits, cache_dir, device, num_workers, progress)
     features_done = time.perf_counter()
     train_targets = targets(splits["train"], classes)
-    eval_targets = targets(splits["eval"], classes)
     inputs = [HeadInput(features["train"][layer.label()].features, train_targets, classes,
                         cfg.data.task) for layer in cfg.features.layers]
-    settings = FitSettings(seed=cfg.seed, device=device, progress=progress,
-                           optim=cfg.optim if cfg.head.kind in GRADIENT_HEADS else None)
-    fits = fit_heads(cfg.head, inputs, settings)
+    settings = [FitSettings(seed=c.seed, device=device, progress=progress,
+                            optim=c.optim if c.head.kind in GRADIENT_HEADS else None)
+                for c in cfgs]
+    fits = fit_heads_together(cfg.head, inputs, settings)
     train_done = time.perf_counter()
 
-    results = {}
-    for name, (label, fitted, setting) in _variants(cfg, fits).items():
-        evaluation_x = features["eval"][label].features
-        scores = fitted.scores(evaluation_x)
-        evaluated = task.evaluate(scores, eval_targets, classes, trained_classes)
-        results[name] = {"result": evaluated.metrics[cfg.metric], "metrics": evaluated.metrics,
-                         "per_class": evaluated.per_class,
-                         "feature_dim": int(evaluation_x.shape[1]), **_head_info(fitted)}
-        if setting:
-            results[name]["setting"] = setting
-        if fitted.info.get("converged") is False:
-            log.warning("%s head (%s) did not converge within max_iter", cfg.head.kind,
-                        name or "its layer")
-        if outputs_dir is not None:
-            outputs_dir.mkdir(parents=True, exist_ok=True)
-            fields, rows = task.per_sample(scores, eval_targets, splits["eval"].paths,
-                                           fitted.output)
-            stem = "_".join(filter(None, [cfg.data.eval_split, _safe_name(name)]))
-            write_per_sample_csv(outputs_dir / f"{stem}_predictions.csv", fields, rows)
-    end = time.perf_counter()
     shared = {
         "num_classes": classes,  # the head's outputs: the largest label + 1, or class folders
         "classes_in_train": trained_classes,
         "num_train": len(splits["train"].entries),
         "num_eval": len(splits["eval"].entries),
         "timings": {"features_s": round(features_done - start, 3),
-                    "train_s": round(train_done - features_done, 3),
-                    "eval_s": round(end - train_done, 3)},
+                    "train_s": round(train_done - features_done, 3)},
         "features": cache_info,
         "backbone": {"weights_id": spec.weights_id, **_backbone_keys(features)},
     }
     if splits["train"].class_names is not None:
         shared["class_names"] = list(splits["train"].class_names)
-    if len(results) == 1:
-        return {**next(iter(results.values())), **shared}
-    return {"variants": results, **shared}
+    evaluation = _Evaluation(splits["eval"], features["eval"], targets(splits["eval"], classes),
+                             classes, trained_classes)
+    outputs: list[dict[str, Any] | Exception] = []
+    for one, fit, outputs_dir in zip(cfgs, fits, outputs_dirs or [None] * len(cfgs),
+                                     strict=True):
+        try:
+            outputs.append(evaluation.run(one, fit, shared, outputs_dir))
+        except Exception as exc:  # this job's own failure: the others keep their results
+            outputs.append(exc)
+    return outputs
+
+
+@dataclass(frozen=True)
+class _Evaluation:
+    """The evaluation split, its features and targets: what every head is scored on."""
+
+    split: Split
+    features: dict[str, FeatureSet]  # layer label -> features
+    targets: torch.Tensor
+    classes: int
+    trained_classes: int
+
+    def run(self, cfg: LinearProbeConfig, fits: list[dict[str, Fitted]], shared: dict[str, Any],
+            outputs_dir: Path | None) -> dict[str, Any]:
+        """Score a job's fitted heads; its output (``result``, or one per variant)."""
+        started = time.perf_counter()
+        task = TASKS[cfg.data.task]
+        results = {}
+        for name, (label, fitted, setting) in _variants(cfg, fits).items():
+            evaluation_x = self.features[label].features
+            scores = fitted.scores(evaluation_x)
+            evaluated = task.evaluate(scores, self.targets, self.classes, self.trained_classes)
+            results[name] = {"result": evaluated.metrics[cfg.metric],
+                             "metrics": evaluated.metrics, "per_class": evaluated.per_class,
+                             "feature_dim": int(evaluation_x.shape[1]), **_head_info(fitted)}
+            if setting:
+                results[name]["setting"] = setting
+            if fitted.info.get("converged") is False:
+                log.warning("%s head (%s) did not converge within max_iter", cfg.head.kind,
+                            name or "its layer")
+            if outputs_dir is not None:
+                outputs_dir.mkdir(parents=True, exist_ok=True)
+                fields, rows = task.per_sample(scores, self.targets, self.split.paths,
+                                               fitted.output)
+                stem = "_".join(filter(None, [cfg.data.eval_split, _safe_name(name)]))
+                write_per_sample_csv(outputs_dir / f"{stem}_predictions.csv", fields, rows)
+        timings = {**shared["timings"], "eval_s": round(time.perf_counter() - started, 3)}
+        own = {**copy.deepcopy(shared), "timings": timings}  # each job's own document
+        if len(results) == 1:
+            return {**next(iter(results.values())), **own}
+        return {"variants": results, **own}
 
 
 def _head_info(fitted: Fitted) -> dict[str, Any]:

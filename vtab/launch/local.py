@@ -23,6 +23,7 @@ from vtab.runner import (
     BLOCKED_EXIT,
     CANNOT_RUN_EXIT,
     CRASHED_EXIT,
+    DEFAULT_MAX_BATCH,
     DRAINED_EXIT,
     STOP_SIGNALS,
     Runner,
@@ -62,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "work area is drained)")
     parser.add_argument("--max_jobs", type=_count(1), default=None,
                         help="exit after handling this many jobs (default: no limit)")
+    parser.add_argument("--max_batch", type=_count(1), default=DEFAULT_MAX_BATCH,
+                        help="queued sibling jobs that differ only in what each head keeps "
+                             "for itself (learning rate, weight decay, momentum) are claimed "
+                             "together and trained in one pass, this many at most "
+                             f"(default {DEFAULT_MAX_BATCH}; 1: one job per claim)")
     parser.add_argument("--lease_timeout", type=float, default=None,
                         help="seconds without a heartbeat after which a claimed job is taken "
                              "back; a setting of the work area (meta/settings.yaml), written by "
@@ -122,6 +128,7 @@ def settings_from(args: argparse.Namespace) -> RunnerSettings:
     return RunnerSettings(lease_timeout=args.lease_timeout, settle_time=args.settle_time,
                           max_attempts=args.max_attempts,
                           idle_limit=args.idle_limit, max_jobs=args.max_jobs,
+                          max_batch=args.max_batch,
                           num_workers=args.num_workers,
                           cache_dir=args.cache_dir, max_grid_points=args.max_grid_points,
                           progress=not args.no_progress and sys.stderr.isatty(),

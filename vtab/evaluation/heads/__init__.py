@@ -11,6 +11,7 @@ from vtab.evaluation.heads.base import (
     known_heads,
     register_head,
 )
+from vtab.evaluation.heads.trainer import fit_heads_together
 
-__all__ = ["FeatureNorm", "FitSettings", "Fitted", "HeadInput", "fit_heads", "known_heads",
-           "register_head"]
+__all__ = ["FeatureNorm", "FitSettings", "Fitted", "HeadInput", "fit_heads", "fit_heads_together",
+           "known_heads", "register_head"]

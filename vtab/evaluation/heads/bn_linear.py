@@ -4,13 +4,10 @@ running averages when scoring."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import nn
 
-from vtab.evaluation.heads.base import FitSettings, Fitted, HeadInput, register_head
-from vtab.evaluation.heads.trainer import gradient_heads, linear_init
+from vtab.evaluation.heads.trainer import linear_init, register_gradient_head
 
 
 def build(dim: int, classes: int, generator: torch.Generator, noise: torch.Generator) -> nn.Module:
@@ -18,6 +15,4 @@ def build(dim: int, classes: int, generator: torch.Generator, noise: torch.Gener
                          linear_init(dim, classes, generator))
 
 
-@register_head("bn_linear")
-def fit(config, inputs: Sequence[HeadInput], settings: FitSettings) -> list[dict[str, Fitted]]:
-    return gradient_heads(build, config, inputs, settings)
+register_gradient_head("bn_linear", lambda config: build)

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from vtab.evaluation.heads.base import FitSettings, Fitted, HeadInput, register_head
-from vtab.evaluation.heads.trainer import gradient_heads, linear_init
+from vtab.evaluation.heads.trainer import linear_init, register_gradient_head
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU}
 
@@ -50,6 +48,4 @@ def build(config, dim: int, classes: int, generator: torch.Generator,
     return nn.Sequential(*layers, linear_init(dim, classes, generator))
 
 
-@register_head("mlp")
-def fit(config, inputs: Sequence[HeadInput], settings: FitSettings) -> list[dict[str, Fitted]]:
-    return gradient_heads(functools.partial(build, config), config, inputs, settings)
+register_gradient_head("mlp", lambda config: functools.partial(build, config))

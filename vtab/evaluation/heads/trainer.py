@@ -9,15 +9,24 @@ linear evaluation trains its grid of heads).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from vtab.evaluation.heads.base import FeatureNorm, Fitted, HeadInput
+from vtab.evaluation.heads.base import (
+    FeatureNorm,
+    FitSettings,
+    Fitted,
+    HeadInput,
+    fit_heads,
+    register_head,
+)
 
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}
 INIT_STD = 0.01  # DINOv2's linear head initialisation
@@ -56,6 +65,7 @@ class GradientHead:
     data: HeadInput
     spec: HeadSpec
     feature_norm: str = "none"
+    linear: bool = False  # build makes one `linear_init` layer: it can be a block of a wide one
 
 
 def linear_init(dim: int, classes: int, generator: torch.Generator) -> nn.Linear:
@@ -91,6 +101,13 @@ def _optimizers(specs: Sequence[HeadSpec],
     return [OPTIMIZERS[kind](kind_groups) for kind, kind_groups in groups.items()]
 
 
+def _batches(n: int, batch_size: int) -> list[int]:
+    """Where each mini-batch of an epoch starts. A last batch of a single example is skipped:
+    BatchNorm cannot train on one example, and every kind skips it alike so that kinds stay
+    comparable."""
+    return [start for start in range(0, n, batch_size) if n - start > 1 or n == 1]
+
+
 def train_heads(heads: Sequence[GradientHead], schedule: Schedule, *, device: str = "cpu",
                 progress: bool = False) -> list[Fitted]:
     """Train every head on its own input; all inputs must have the same number of rows."""
@@ -101,6 +118,8 @@ def train_heads(heads: Sequence[GradientHead], schedule: Schedule, *, device: st
         raise ValueError(f"the heads' inputs differ in length: {sorted(sizes)}")
     (n,) = sizes
     dev = torch.device(device)
+    if len(heads) > 1 and _one_wide_layer(heads):
+        return _train_wide(heads, schedule, dev, progress)
     norms = [FeatureNorm.fit(head.feature_norm, head.data.x) for head in heads]
     inputs = [norm(head.data.x).to(dev) for norm, head in zip(norms, heads, strict=True)]
     targets = [head.data.targets.to(dev) for head in heads]
@@ -110,9 +129,7 @@ def train_heads(heads: Sequence[GradientHead], schedule: Schedule, *, device: st
         noise = torch.Generator(dev).manual_seed(head.spec.seed)
         modules.append(head.build(x.shape[1], head.data.num_classes, order, noise).to(dev))
     optimizers = _optimizers([head.spec for head in heads], modules)
-    # A last batch of a single example is skipped: BatchNorm cannot train on one example, and
-    # every kind skips it alike so that kinds stay comparable.
-    starts = [start for start in range(0, n, schedule.batch_size) if n - start > 1 or n == 1]
+    starts = _batches(n, schedule.batch_size)
     steps_per_epoch = len(starts)
     total = schedule.epochs * steps_per_epoch
     warmup = schedule.warmup_epochs * steps_per_epoch
@@ -140,6 +157,72 @@ def train_heads(heads: Sequence[GradientHead], schedule: Schedule, *, device: st
     return [_fitted(module.eval(), norm, dev) for module, norm in zip(modules, norms, strict=True)]
 
 
+def _one_wide_layer(heads: Sequence[GradientHead]) -> bool:
+    """Linear heads on one input with one seed (one initialisation, one data order) and plain
+    SGD: their weights can be the column blocks of one wide layer, one matmul per step."""
+    first = heads[0]
+    return all(head.linear and head.data is first.data and head.spec.seed == first.spec.seed
+               and head.feature_norm == first.feature_norm and head.spec.optimizer == "sgd"
+               for head in heads)
+
+
+def _train_wide(heads: Sequence[GradientHead], schedule: Schedule, dev: torch.device,
+                progress: bool) -> list[Fitted]:
+    """`train_heads` for heads that `_one_wide_layer` accepts: the same updates as each head's
+    own nn.Linear and torch.optim.SGD (momentum, weight decay, learning rate per head), done
+    on one [D, heads x C] weight; equal to training each alone up to float rounding."""
+    first = heads[0]
+    data, count = first.data, len(heads)
+    norm = FeatureNorm.fit(first.feature_norm, data.x)
+    x, y = norm(data.x).to(dev), data.targets.to(dev)
+    n, dim, classes = len(x), x.shape[1], data.num_classes
+    order = torch.Generator().manual_seed(first.spec.seed)
+    init = first.build(dim, classes, order, torch.Generator(dev).manual_seed(first.spec.seed))
+    weight = init.weight.detach().T.to(dev).repeat(1, count).requires_grad_()  # [D, H x C]
+    bias = init.bias.detach().to(dev).repeat(count).requires_grad_()  # [H x C]
+
+    def per_head(values: list[float]) -> torch.Tensor:  # broadcasts over [..., H, C]
+        return torch.tensor(values, dtype=x.dtype, device=dev).view(count, 1)
+
+    lrs = per_head([head.spec.lr for head in heads])
+    decays = per_head([head.spec.weight_decay for head in heads])
+    momenta = per_head([head.spec.momentum for head in heads])
+    buffers: list[torch.Tensor | None] = [None, None]
+    starts = _batches(n, schedule.batch_size)
+    total, warmup = schedule.epochs * len(starts), schedule.warmup_epochs * len(starts)
+    step = 0
+    for _ in tqdm(range(schedule.epochs), desc=f"{count} head(s), one wide layer",
+                  disable=not progress, leave=False):
+        epoch_order = torch.randperm(n, generator=order).to(dev)
+        for start in starts:
+            index = epoch_order[start:start + schedule.batch_size]
+            logits = torch.addmm(bias, x[index], weight).view(len(index), count, classes)
+            targets = y[index].repeat(count, *([1] * (y.ndim - 1)))
+            losses = data.loss(logits.transpose(0, 1).reshape(count * len(index), classes),
+                               targets)
+            grads = torch.autograd.grad(losses.view(count, -1).mean(1).sum(), [weight, bias])
+            steps = lrs * -lr_factor(step, warmup, total)
+            with torch.no_grad():  # one pass over the weights per operation (they are large)
+                for slot, (param, grad) in enumerate(zip((weight, bias), grads, strict=True)):
+                    p, g = param.view(-1, count, classes), grad.view(-1, count, classes)
+                    d = g.addcmul_(p, decays)  # torch.optim.SGD: weight decay, then momentum
+                    buffer = buffers[slot]
+                    if buffer is not None:
+                        d = torch.addcmul(d, buffer, momenta, out=buffer)
+                    buffers[slot] = d
+                    p.addcmul_(d, steps)
+            step += 1
+    fitted = []
+    for block in range(count):
+        columns = slice(block * classes, (block + 1) * classes)
+        layer = nn.Linear(dim, classes).to(dev)
+        with torch.no_grad():
+            layer.weight.copy_(weight.detach()[:, columns].T)
+            layer.bias.copy_(bias.detach()[columns])
+        fitted.append(_fitted(layer.eval(), norm, dev))
+    return fitted
+
+
 def _fitted(module: nn.Module, norm: FeatureNorm, device: torch.device) -> Fitted:
     def score(x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -147,14 +230,59 @@ def _fitted(module: nn.Module, norm: FeatureNorm, device: torch.device) -> Fitte
     return Fitted(score, "logits", model=module)
 
 
-def gradient_heads(build: ModuleFactory, config, inputs: Sequence[HeadInput],
-                   settings) -> list[dict[str, Fitted]]:
-    """The fit of a kind trained by gradient descent: one head per input, all in one pass,
-    with the job's optim settings."""
+# head kind -> its module factory for a config (kinds trained by gradient descent)
+_BUILDERS: dict[str, Callable[[Any], ModuleFactory]] = {}
+_LINEAR: set[str] = set()
+
+
+def register_gradient_head(kind: str, builder: Callable[[Any], ModuleFactory],
+                           linear: bool = False) -> None:
+    """Register a kind trained by gradient descent: `builder(config)` makes its modules;
+    `linear`: one `linear_init` layer (heads of it on one input can train as one wide layer)."""
+    _BUILDERS[kind] = builder
+    if linear:
+        _LINEAR.add(kind)
+    register_head(kind)(functools.partial(_fit_one, kind))
+
+
+def _fit_one(kind: str, config: Any, inputs: Sequence[HeadInput],
+             settings: FitSettings) -> list[dict[str, Fitted]]:
+    (fits,) = _gradient_heads(config, inputs, [settings])
+    return fits
+
+
+def fit_heads_together(config: Any, inputs: Sequence[HeadInput],
+                       settings: Sequence[FitSettings]) -> list[list[dict[str, Fitted]]]:
+    """`config.kind` fitted on `inputs` once per settings (seed, optim); for each settings,
+    what `fit_heads` returns. A kind trained by gradient descent trains them all in one pass:
+    each head as it would train alone (its own seed, data order, learning rate)."""
+    if len(settings) == 1:
+        return [fit_heads(config, inputs, settings[0])]
+    if config.kind not in _BUILDERS:
+        raise ValueError(f"head kind {config.kind!r} cannot train several settings in one pass")
+    return _gradient_heads(config, inputs, settings)
+
+
+def _gradient_heads(config: Any, inputs: Sequence[HeadInput],
+                    settings: Sequence[FitSettings]) -> list[list[dict[str, Fitted]]]:
+    """One head per input and settings, all in one pass, each with its settings' optim."""
+    schedules = {Schedule(s.optim.epochs, s.optim.batch_size, s.optim.warmup_epochs)
+                 for s in settings}
+    devices = {s.device for s in settings}
+    if len(schedules) != 1 or len(devices) != 1:
+        raise ValueError("heads trained in one pass share their schedule (epochs, batch size, "
+                         f"warmup) and device; got {sorted(map(str, schedules | devices))}")
+    build = _BUILDERS[config.kind](config)
+    heads = [GradientHead(build, data, _spec(s), config.feature_norm, config.kind in _LINEAR)
+             for s in settings for data in inputs]
+    trained = train_heads(heads, schedules.pop(), device=devices.pop(),
+                          progress=any(s.progress for s in settings))
+    per_input = len(inputs)
+    return [[{"": fitted} for fitted in trained[i:i + per_input]]
+            for i in range(0, len(trained), per_input)]
+
+
+def _spec(settings: FitSettings) -> HeadSpec:
     optim = settings.optim
-    spec = HeadSpec(lr=optim.lr, weight_decay=optim.weight_decay, seed=settings.seed,
+    return HeadSpec(lr=optim.lr, weight_decay=optim.weight_decay, seed=settings.seed,
                     optimizer=optim.name, momentum=getattr(optim, "momentum", 0.0))
-    schedule = Schedule(optim.epochs, optim.batch_size, optim.warmup_epochs)
-    heads = [GradientHead(build, data, spec, config.feature_norm) for data in inputs]
-    trained = train_heads(heads, schedule, device=settings.device, progress=settings.progress)
-    return [{"": fitted} for fitted in trained]

@@ -1,0 +1,149 @@
+"""Batched sweep: the tuning stage of one dataset at VTAB-1K scale, drained through the work area.
+
+The VTAB-1K linear protocol tunes learning rate x weight decay x seed (6 x 2 x 2 = 24 jobs) on
+train800 -> val200 for every task. The naive way is what the replaced tools do: one training
+per job, one job per claim (``--max_batch 1``). vtab's runners claim the queued siblings that
+can share a pass and train their heads together. Both ways run the same pipeline with the same
+runners (``--devices cpu,cpu`` by default) on a feature cache warmed beforehand, so the time is
+head training and queue work; both start the same runner processes. Features are the pixels of
+16 x 16 images (768 values, the width of ViT-B/16 features), 100 classes, 1,000 images.
+Each job's result must agree between the two ways within 1e-5.
+
+    python bench/batched_sweep.py [--runners 2] [--epochs 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from vtab import yamlio  # noqa: E402
+from vtab.evaluation.probe import run_linear_probe  # noqa: E402
+from vtab.fsutil import atomic_write  # noqa: E402
+from vtab.results import one_per_pass  # noqa: E402
+
+CLASSES, SIZE = 100, 16  # 3 x 16 x 16 = 768 features
+SPLIT_SIZES = {"train800": 800, "val200": 200, "test": 100}
+TOLERANCE = 1e-5
+BACKBONE = {"name": "torch.nn:Flatten", "source": "module", "weights": "none"}
+
+
+def write_dataset(folder: Path, seed: int = 0) -> None:
+    """Images whose colours depend on their class, plus noise: a learnable 100-way task."""
+    rng = np.random.default_rng(seed)
+    means = rng.uniform(0, 255, size=(CLASSES, SIZE, SIZE, 3))
+    lines: dict[str, list[str]] = {}
+    for split, count in SPLIT_SIZES.items():
+        (folder / "images" / split).mkdir(parents=True)
+        lines[split] = []
+        for index in range(count):
+            label = index % CLASSES
+            pixels = np.clip(means[label] + rng.normal(0, 250, means[label].shape), 0, 255)
+            buffer = io.BytesIO()
+            Image.fromarray(pixels.astype(np.uint8)).save(buffer, format="PNG")
+            relative = f"images/{split}/{index:04d}.png"
+            atomic_write(folder / relative, buffer.getvalue())
+            lines[split].append(f"{relative} {label}\n")
+    lines["train800val200"] = lines["train800"] + lines["val200"]
+    for split, content in lines.items():
+        (folder / f"{split}.txt").write_text("".join(content))
+
+
+def pipeline(root: Path, epochs: int) -> dict[str, Any]:
+    return {
+        "name": "sweep", "current_stage": "tune",
+        "config": {"dataset": "synthetic", "data": {"root": str(root)}, "backbone": BACKBONE,
+                   "features": {"image_size": SIZE, "batch_size": 256},
+                   "head": {"kind": "linear", "feature_norm": "standardize"},
+                   "optim": {"name": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 0.0,
+                             "epochs": epochs, "batch_size": 128, "warmup_epochs": 5},
+                   "seed": 0, "metric": "top1"},
+        "stages": {
+            "tune": {"grid": {"optim.lr": [0.001, 0.003, 0.01, 0.03, 0.1, 0.3],
+                              "optim.weight_decay": [0.0, 0.0001], "seed": [0, 1]},
+                     "child_stage": "train_val"},
+            "train_val": {"hyperparams": {"kind": "linear_probe", "data.train_split": "train800",
+                                          "data.eval_split": "val200"}},
+        },
+    }
+
+
+@dataclass(frozen=True)
+class Drained:
+    wall_s: float  # from starting the runners to their exit, as a user waits
+    training_s: float  # the passes' own time, summed (runners run passes at once)
+    passes: int
+    results: dict[str, float]  # by job id
+
+
+def drain(area: Path, doc: dict[str, Any], cache: Path, runners: int,
+          max_batch: int) -> Drained:
+    """Queue the pipeline, run the runners until drained."""
+    area.mkdir()
+    atomic_write(area / "sweep.yaml", yamlio.dump(doc) + "...\n")
+    started = time.perf_counter()
+    subprocess.run([sys.executable, str(REPO / "main_runner.py"), "--work_area", str(area),
+                    "--devices", ",".join(["cpu"] * runners), "--max_batch", str(max_batch),
+                    "--cache_dir", str(cache), "--module_backbones", "torch.nn",
+                    "--no_progress", "--poll_interval", "0.05"],
+                   check=True, capture_output=True)
+    seconds = time.perf_counter() - started
+    jobs = [yamlio.load_mapping(path) for path in (area / "finished").rglob("*__*.yaml")]
+    passes = one_per_pass(jobs)
+    return Drained(seconds, sum(job["timings"]["total_s"] for job in passes), len(passes),
+                   {job["id"]: job["result"] for job in jobs})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runners", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=100)
+    args = parser.parse_args()
+    print(f"machine: {platform.machine()}, {platform.python_implementation()} "
+          f"{platform.python_version()}, {os.cpu_count()} cores; {args.runners} runners, "
+          f"{args.epochs} epochs")
+    with tempfile.TemporaryDirectory() as tmp:
+        data, cache = Path(tmp) / "data", Path(tmp) / "cache"
+        write_dataset(data / "synthetic")
+        doc = pipeline(data, args.epochs)
+        warm = {**doc["config"], "optim": {**doc["config"]["optim"], "epochs": 1,
+                                           "warmup_epochs": 0},
+                "data": {"root": str(data), "train_split": "train800", "eval_split": "val200"}}
+        run_linear_probe(warm, cache_dir=cache, progress=False)  # features cached for both
+        naive = drain(Path(tmp) / "naive", doc, cache, args.runners, max_batch=1)
+        vtab = drain(Path(tmp) / "vtab", doc, cache, args.runners, max_batch=64)
+        shutil.rmtree(data)
+    ours, theirs = vtab.results, naive.results
+    if len(ours) != 24 or set(ours) != set(theirs):
+        raise SystemExit(f"expected the same 24 jobs both ways, got {len(ours)} and {len(theirs)}")
+    gap = max(abs(ours[job] - theirs[job]) for job in ours)
+    print(f"jobs: {len(ours)}; best val200 top-1 {max(ours.values()):.3f}; "
+          f"max |result batched - result alone| {gap:.1e}")
+    if gap > TOLERANCE:
+        raise SystemExit(f"batched and one-by-one results differ by {gap:.1e} (> {TOLERANCE})")
+    print(f"{'':<22} {'passes':>7} {'training s':>11} {'wall s':>8} {'jobs/s':>8}")
+    for name, way in (("one job per claim", naive), ("siblings in one pass", vtab)):
+        print(f"{name:<22} {way.passes:>7} {way.training_s:>11.1f} {way.wall_s:>8.1f} "
+              f"{len(ours) / way.wall_s:>8.2f}")
+    print(f"ratio (one job per claim / batched): {naive.training_s / vtab.training_s:.1f}x "
+          f"training time in jobs, {naive.wall_s / vtab.wall_s:.1f}x wall time")
+
+
+if __name__ == "__main__":
+    main()

@@ -4,12 +4,13 @@ The VTAB-1K linear protocol tunes learning rate x weight decay x seed (6 x 2 x 2
 train800 -> val200 for every task. The naive way is what the replaced tools do: one training
 per job, one job per claim (``--max_batch 1``). vtab's runners claim the queued siblings that
 can share a pass and train their heads together. Both ways run the same pipeline with the same
-runners (``--devices cpu,cpu`` by default) on a feature cache warmed beforehand, so the time is
+runners (``--devices cpu,cpu`` by default; ``0,0`` for two on GPU 0) on a feature cache warmed
+beforehand, so the time is
 head training and queue work; both start the same runner processes. Features are the pixels of
 16 x 16 images (768 values, the width of ViT-B/16 features), 100 classes, 1,000 images.
 Each job's result must agree between the two ways within 1e-5.
 
-    python bench/batched_sweep.py [--runners 2] [--epochs 100]
+    python bench/batched_sweep.py [--devices cpu,cpu] [--epochs 100]
 """
 
 from __future__ import annotations
@@ -69,7 +70,8 @@ def pipeline(root: Path, epochs: int) -> dict[str, Any]:
     return {
         "name": "sweep", "current_stage": "tune",
         "config": {"dataset": "synthetic", "data": {"root": str(root)}, "backbone": BACKBONE,
-                   "features": {"image_size": SIZE, "batch_size": 256},
+                   # fp32 on any device: the features warmed on the CPU serve GPU runners too
+                   "features": {"image_size": SIZE, "batch_size": 256, "precision": "fp32"},
                    "head": {"kind": "linear", "feature_norm": "standardize"},
                    "optim": {"name": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 0.0,
                              "epochs": epochs, "batch_size": 128, "warmup_epochs": 5},
@@ -92,14 +94,14 @@ class Drained:
     results: dict[str, float]  # by job id
 
 
-def drain(area: Path, doc: dict[str, Any], cache: Path, runners: int,
+def drain(area: Path, doc: dict[str, Any], cache: Path, devices: str,
           max_batch: int) -> Drained:
     """Queue the pipeline, run the runners until drained."""
     area.mkdir()
     atomic_write(area / "sweep.yaml", yamlio.dump(doc) + "...\n")
     started = time.perf_counter()
     subprocess.run([sys.executable, str(REPO / "main_runner.py"), "--work_area", str(area),
-                    "--devices", ",".join(["cpu"] * runners), "--max_batch", str(max_batch),
+                    "--devices", devices, "--max_batch", str(max_batch),
                     "--cache_dir", str(cache), "--module_backbones", "torch.nn",
                     "--no_progress", "--poll_interval", "0.05"],
                    check=True, capture_output=True)
@@ -112,11 +114,11 @@ def drain(area: Path, doc: dict[str, Any], cache: Path, runners: int,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runners", type=int, default=2)
+    parser.add_argument("--devices", default="cpu,cpu", help="the runners' devices")
     parser.add_argument("--epochs", type=int, default=100)
     args = parser.parse_args()
     print(f"machine: {platform.machine()}, {platform.python_implementation()} "
-          f"{platform.python_version()}, {os.cpu_count()} cores; {args.runners} runners, "
+          f"{platform.python_version()}, {os.cpu_count()} cores; runners on {args.devices}, "
           f"{args.epochs} epochs")
     with tempfile.TemporaryDirectory() as tmp:
         data, cache = Path(tmp) / "data", Path(tmp) / "cache"
@@ -126,8 +128,8 @@ def main() -> None:
                                            "warmup_epochs": 0},
                 "data": {"root": str(data), "train_split": "train800", "eval_split": "val200"}}
         run_linear_probe(warm, cache_dir=cache, progress=False)  # features cached for both
-        naive = drain(Path(tmp) / "naive", doc, cache, args.runners, max_batch=1)
-        vtab = drain(Path(tmp) / "vtab", doc, cache, args.runners, max_batch=64)
+        naive = drain(Path(tmp) / "naive", doc, cache, args.devices, max_batch=1)
+        vtab = drain(Path(tmp) / "vtab", doc, cache, args.devices, max_batch=64)
         shutil.rmtree(data)
     ours, theirs = vtab.results, naive.results
     if len(ours) != 24 or set(ours) != set(theirs):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import logging
@@ -10,14 +11,14 @@ import time
 from pathlib import Path
 
 import filelock
+import numpy as np
 import pytest
 import torch
 
+from vtab.evaluation import store
 from vtab.evaluation.backbones import build_backbone, resolve_backbone, source_of
-from vtab.evaluation.data import ImageSplit, Split, open_split
+from vtab.evaluation.data import ImageSplit, Split, image_digests, open_split
 from vtab.evaluation.features import (
-    FeatureCache,
-    FeatureSet,
     TransformSpec,
     cache_fields,
     extract_features,
@@ -25,6 +26,7 @@ from vtab.evaluation.features import (
     resolve_precision,
 )
 from vtab.evaluation.schemas import BackboneConfig, LayerConfig
+from vtab.evaluation.store import FeatureCache, FeatureSet
 
 FIELDS = {"backbone": {"source": "test", "name": "toy", "weights_id": "random-seed0"},
           "data": {"dataset": "toy", "split": "train800", "split_sha256": "00"}}
@@ -41,7 +43,8 @@ class Counting:
         self.calls += 1
         time.sleep(self.delay)
         return {name: FeatureSet(torch.arange(12.0).view(4, 3), ["a", "b", "c", "d"],
-                                 {"missing_keys": 2}) for name in names}
+                                 {"missing_keys": 2}, ["d" * 64, "e" * 64, "f" * 64, "0" * 64],
+                                 ["1", "0", "1", "2"]) for name in names}
 
 
 def one(cache: FeatureCache, compute: Counting) -> tuple[FeatureSet, bool]:
@@ -52,7 +55,7 @@ def one(cache: FeatureCache, compute: Counting) -> tuple[FeatureSet, bool]:
 
 def assert_same(a: FeatureSet, b: FeatureSet) -> None:
     assert torch.equal(a.features, b.features)
-    assert (a.paths, a.meta) == (b.paths, b.meta)
+    assert (a.paths, a.meta, a.digests) == (b.paths, b.meta, b.digests)
 
 
 def test_second_call_hits_without_computing(tmp_path: Path) -> None:
@@ -63,8 +66,17 @@ def test_second_call_hits_without_computing(tmp_path: Path) -> None:
     assert hit and compute.calls == 1
     assert_same(first, second)
     key = cache.key(FIELDS)
-    manifest = json.loads((tmp_path / key[:2] / f"{key}.json").read_text())
-    assert manifest["shape"] == [4, 3] and manifest["fields"] == FIELDS
+    description = json.loads((tmp_path / key[:2] / f"{key}.json").read_text())
+    assert description["shape"] == [4, 3] and description["fields"] == FIELDS
+    # Readable by other tools in two lines: the rows memory-mapped, the manifest as a table.
+    rows = np.load(tmp_path / key[:2] / f"{key}.npy", mmap_mode="r")
+    with (tmp_path / key[:2] / f"{key}.csv").open() as manifest:
+        lines = list(csv.DictReader(manifest))
+    assert isinstance(rows, np.memmap) and rows.dtype == np.float32
+    assert np.array_equal(rows, first.features.numpy())
+    assert [line["image"] for line in lines] == ["a", "b", "c", "d"]
+    assert lines[1] == {"row": "1", "image": "b", "sha256": "e" * 64, "split": "train800",
+                        "target": "0"}
 
 
 def test_key_depends_on_every_field() -> None:
@@ -73,13 +85,28 @@ def test_key_depends_on_every_field() -> None:
     assert FeatureCache.key(FIELDS) == FeatureCache.key(json.loads(json.dumps(FIELDS)))
 
 
-@pytest.mark.parametrize("damage", ["flip_byte", "truncate", "drop_payload"])
-def test_damaged_entry_is_detected_and_recomputed(tmp_path: Path, damage: str,
+def test_fp16_storage_halves_the_rows_and_trains_in_fp32(tmp_path: Path) -> None:
+    cache, compute = FeatureCache(tmp_path), Counting()
+    half = {**FIELDS, "storage": "fp16"}
+    found, _ = cache.get_or_compute({"output": half}, compute)
+    key = cache.key(half)
+    assert key != cache.key(FIELDS)
+    assert np.load(tmp_path / key[:2] / f"{key}.npy", mmap_mode="r").dtype == np.float16
+    # What the job uses is what the store holds, on a miss as on a hit.
+    assert found["output"].features.dtype == torch.float16
+    assert found["output"].float().dtype == torch.float32
+    assert torch.equal(found["output"].float(), torch.arange(12.0).view(4, 3))
+
+
+@pytest.mark.parametrize(("damage", "part"), [
+    ("flip_byte", ".npy"), ("truncate", ".npy"), ("drop_payload", ".npy"),
+    ("flip_byte", ".csv"), ("drop_payload", ".csv")])
+def test_damaged_entry_is_detected_and_recomputed(tmp_path: Path, damage: str, part: str,
                                                   caplog: pytest.LogCaptureFixture) -> None:
     cache, compute = FeatureCache(tmp_path), Counting()
     one(cache, compute)
     key = cache.key(FIELDS)
-    payload = tmp_path / key[:2] / f"{key}.pt"
+    payload = tmp_path / key[:2] / f"{key}{part}"
     data = bytearray(payload.read_bytes())
     if damage == "flip_byte":
         data[len(data) // 2] ^= 0xFF
@@ -88,10 +115,11 @@ def test_damaged_entry_is_detected_and_recomputed(tmp_path: Path, damage: str,
         payload.write_bytes(bytes(data[:100]))
     else:
         payload.unlink()
+    store._verified.clear()  # as a new process would: a file checked here is not read again
     with caplog.at_level(logging.WARNING):
         again, hit = one(cache, compute)
     assert not hit and compute.calls == 2
-    assert str(payload) in caplog.text
+    assert f"discarding {payload.with_suffix('.npy')}" in caplog.text
     assert_same(again, compute(["output"])["output"])
     assert cache.load(key) is not None  # rewritten whole
 
@@ -130,7 +158,7 @@ def test_a_lock_holder_that_stopped_does_not_hang_the_others(
     stopped = filelock.FileLock(tmp_path / key[:2] / f"{key}.lock")
     stopped.acquire()  # held by a process that was stopped (SIGSTOP) while computing
     (tmp_path / key[:2] / f"{key}.alive").write_text("node7 pid 4242\n")  # never touched again
-    caplog.set_level(logging.INFO, logger="vtab.evaluation.features")
+    caplog.set_level(logging.INFO, logger="vtab.evaluation.store")
     started = time.monotonic()
     try:
         _, hit = one(cache, compute)
@@ -206,7 +234,7 @@ def test_extraction_reuses_rows_of_donor_sets_and_forwards_the_rest(digits_root:
         asked.append(part.paths)
         found = extract_features(backbone.model, layers, source_of(spec), part, transform)
         for features in found.values():
-            features.meta = {"missing_keys": 0}
+            features.meta, features.digests = {"missing_keys": 0}, image_digests(part)
         return found
 
     direct = extract(split)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +19,9 @@ from vtab.errors import ConfigError, DataError
 from vtab.evaluation import probe
 from vtab.evaluation.data import ImageSplit, num_classes, open_split, read_split_file
 from vtab.evaluation.digits import SIZES, write_digits
-from vtab.evaluation.features import FeatureCache, extract_features
+from vtab.evaluation.features import extract_features
 from vtab.evaluation.probe import run_linear_probe
+from vtab.evaluation.store import FeatureCache
 
 
 def split_lines(folder: Path, split: str) -> list[str]:
@@ -173,8 +175,28 @@ def test_linear_probe_end_to_end(digits_root: Path, tmp_path: Path,
     assert second["metrics"] == first["metrics"]  # deterministic on CPU
 
 
+def own_folders(digits_root: Path, root: Path) -> Path:
+    """digits laid out as RepAdapter's VTAB-1K copy is: train800val200 keeps copies of the
+    train800 and val200 images in a folder of its own (``images/train800val200/``)."""
+    shutil.copytree(digits_root / "digits", root / "digits")
+    folder = root / "digits"
+    (folder / "images" / "train800val200").mkdir()
+    lines = []
+    for line in (folder / "train800val200.txt").read_text().splitlines():
+        path, label = line.split()
+        copy = f"images/train800val200/{Path(path).parent.name}_{Path(path).name}"
+        shutil.copyfile(folder / path, folder / copy)
+        lines.append(f"{copy} {label}\n")
+    (folder / "train800val200.txt").write_text("".join(lines))
+    return root
+
+
+@pytest.mark.parametrize("layout", ["shared", "own_folders"])
 def test_each_image_is_forwarded_once_over_the_protocol(digits_root: Path, tmp_path: Path,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+                                                        monkeypatch: pytest.MonkeyPatch,
+                                                        layout: str) -> None:
+    if layout == "own_folders":  # rows are matched by image content, not by path
+        digits_root = own_folders(digits_root, tmp_path / "repadapter")
     forwarded: list[str] = []
 
     def counting(model: Any, layers: Any, source: Any, split: Any, *args: Any,

@@ -159,7 +159,7 @@ def test_out_of_memory_gives_the_job_back_uncounted_and_stops_the_runner(
     def out_of_memory(*args: Any, **kwargs: Any) -> None:
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr(probe, "run_linear_probe", out_of_memory)
+    monkeypatch.setattr(probe, "run_linear_probes", out_of_memory)
     queue(area, probe_job(digits_root, stages={"run": {"hyperparams": {}}})
           | {"current_stage": "run"}, "p.yaml")
     assert drain(area) == CANNOT_RUN_EXIT

@@ -42,7 +42,7 @@ def test_a_good_config_gets_every_default_filled_in() -> None:
                  "task": "single_label"},
         "backbone": {"name": "resnet18", "source": "torchvision", "weights": "none"},
         "features": {"image_size": None, "batch_size": 64, "precision": "auto",
-                     "layers": [{"name": "output", "pool": "none"}]},
+                     "layers": [{"name": "output", "pool": "none"}], "storage": "fp32"},
         "head": {"kind": "linear", "feature_norm": "standardize"},
         "optim": {"name": "sgd", "lr": 0.1, "weight_decay": 0.0, "epochs": 3,
                   "batch_size": 128, "warmup_epochs": 0, "momentum": 0.9},
@@ -187,7 +187,7 @@ def test_run_config_records_what_the_kind_read(area: WorkArea) -> None:
     assert drain(area) == 0
     done = yamlio.load_mapping(area.folder(FINISHED) / "s.yaml")
     assert done["run_config"] == {"kind": "sleep", "sleep": {"seconds": 0.0, "log": "",
-                                                             "result": 0.5},
+                                                             "result": 0.5, "batch": False},
                                   "dataset": "", "seed": 3, "metric": "top1"}
 
 

@@ -146,4 +146,4 @@ def test_the_feature_cache_on_a_full_disk_fails_the_job_with_the_reason(
         error = yamlio.load_mapping(area.folder(CRASHED) / "probe.yaml")["error"]
         assert "No space left on device" in error["message"]
         assert error["attempt"] == 2
-        assert not list(cache.rglob("*.pt"))  # no half-written cache entry left behind
+        assert not list(cache.rglob("*.npy"))  # no half-written cache entry left behind

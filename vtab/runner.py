@@ -12,8 +12,10 @@ import contextlib
 import functools
 import logging
 import os
+import resource
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterator, Mapping
@@ -120,6 +122,12 @@ class RunnerSettings:
         return {key: value for key, value in wanted.items() if value is not None}
 
 
+def peak_memory_mib() -> float:
+    """This process's peak resident memory (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (2**20 if sys.platform == "darwin" else 2**10)
+
+
 class Heartbeat(threading.Thread):
     """Touches every claim this runner holds, so other runners see it alive."""
 
@@ -209,9 +217,9 @@ class Runner:
         finally:
             up = time.monotonic() - started
             # The last line: what this runner did with its time (an allocation's, under SLURM).
-            log.info("runner %s: %d job(s) run, %d claim(s); busy %.0f s, idle %.0f s of %.0f s",
-                     self.id, self.jobs_done, self.claims, self.busy_seconds,
-                     up - self.busy_seconds, up)
+            log.info("runner %s: %d job(s) run, %d claim(s); busy %.0f s, idle %.0f s of %.0f s; "
+                     "peak memory %.0f MiB", self.id, self.jobs_done, self.claims,
+                     self.busy_seconds, up - self.busy_seconds, up, peak_memory_mib())
             self.heartbeat.stop()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -375,6 +383,7 @@ class Runner:
         next pass); never let it kill the runner. False if the job was put back untouched, to
         be looked at later (a file still being written)."""
         handle = ClaimHandle(self, claim)
+        failures = self._storage_failures
         with contextlib.ExitStack() as held:
             held.enter_context(self._holding(claim))
             try:
@@ -390,6 +399,8 @@ class Runner:
                 self._run_batch([handle, *siblings])
             for one in misfits if siblings else [handle, *misfits]:
                 self._guarded(one, functools.partial(self._run_stages, one))
+        if self._storage_failures == failures:  # every write of these claims went through
+            self._storage_failures = 0
         return True
 
     def _guarded(self, handle: ClaimHandle, step: Callable[[], object]) -> bool:
@@ -404,8 +415,6 @@ class Runner:
             except BaseException as exc:
                 if not self._end(handle, exc):
                     raise
-            finally:
-                self._storage_failures = 0
         except StorageError as exc:  # not the job's fault: the job is kept, the runner backs off
             self._storage_trouble(handle.claim, exc)
         except NotSettled:

@@ -474,6 +474,31 @@ def _list_split_folder(folder: Path, split: str, classes: tuple[str, ...]) -> tu
 # -- what jobs use -------------------------------------------------------------------------------
 
 
+def image_digests(split: Split) -> list[str]:
+    """The sha256 of each image's bytes, in split order: an image's identity across splits that
+    keep copies of it in folders of their own."""
+    inside = split.folder.resolve()
+    digests = []
+    for path, _ in split.entries:
+        file = split.folder / path
+        where = f"image {file} (listed in {split.file})"
+        try:
+            with _open_inside(file, inside, where) as handle:
+                digests.append(hashlib.file_digest(handle, "sha256").hexdigest())
+        except FileNotFoundError as exc:
+            raise DataError(f"{where} does not exist") from exc
+    return digests
+
+
+def label_text(label: Label) -> str:
+    """A label as a split file writes it: ``3``; ``1,4,7?`` for a multi-label image (``?``
+    marks a difficult label)."""
+    if isinstance(label, LabelSet):
+        marked = [(c, "") for c in label.positive] + [(c, "?") for c in label.difficult]
+        return ",".join(f"{c}{mark}" for c, mark in sorted(marked))
+    return str(label)
+
+
 def sibling_splits(split: Split) -> list[Split]:
     """The other splits of `split`'s dataset in the same layout, read for the same task (the
     standard ones first); ones that are broken are left out (they are not this job's input, so

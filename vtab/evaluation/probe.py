@@ -33,8 +33,6 @@ from vtab.evaluation.backbones import (
 from vtab.evaluation.data import Split, num_classes, open_split, sibling_splits, targets
 from vtab.evaluation.extract import check_layers
 from vtab.evaluation.features import (
-    FeatureCache,
-    FeatureSet,
     TransformSpec,
     cache_fields,
     extract_features,
@@ -44,6 +42,7 @@ from vtab.evaluation.features import (
 from vtab.evaluation.heads import FitSettings, Fitted, HeadInput, fit_heads_together
 from vtab.evaluation.metrics import TASKS, write_per_sample_csv
 from vtab.evaluation.schemas import GRADIENT_HEADS, LinearProbeConfig
+from vtab.evaluation.store import FeatureCache, FeatureSet
 from vtab.schema import validate
 
 log = logging.getLogger(__name__)
@@ -73,7 +72,8 @@ def _features(cfg: LinearProbeConfig, spec: BackboneSpec, splits: dict[str, Spli
     backbone = functools.cache(functools.partial(build_backbone, spec))
 
     def fields(split: Split, label: str) -> dict[str, Any]:
-        return cache_fields(spec.identity(), transform, split, precision, layers[label])
+        return cache_fields(spec.identity(), transform, split, precision, layers[label],
+                            cfg.features.storage)
 
     def extract(names: list[str], split: Split) -> dict[str, FeatureSet]:
         built = backbone()
@@ -87,8 +87,7 @@ def _features(cfg: LinearProbeConfig, spec: BackboneSpec, splits: dict[str, Spli
         return found
 
     def compute(split: Split, names: list[str]) -> dict[str, FeatureSet]:
-        wanted = set(split.paths)
-        siblings = [s for s in sibling_splits(split) if wanted.intersection(s.paths)]
+        siblings = sibling_splits(split)  # rows match by image content, whatever the paths
         donors = {name: [d for d in (cache.load(cache.key(fields(s, name))) for s in siblings)
                          if d is not None] for name in names}
         return extract_reusing(split, names, donors, functools.partial(extract, names))
@@ -268,7 +267,7 @@ def run_linear_probes(configs: list[LinearProbeConfig | Mapping[str, Any]], *, c
     features, cache_info = _features(cfg, spec, splits, cache_dir, device, num_workers, progress)
     features_done = time.perf_counter()
     train_targets = targets(splits["train"], classes)
-    inputs = [HeadInput(features["train"][layer.label()].features, train_targets, classes,
+    inputs = [HeadInput(features["train"][layer.label()].float(), train_targets, classes,
                         cfg.data.task) for layer in cfg.features.layers]
     settings = [FitSettings(seed=c.seed, device=device, progress=progress,
                             optim=c.optim if c.head.kind in GRADIENT_HEADS else None)
@@ -317,7 +316,7 @@ class _Evaluation:
         task = TASKS[cfg.data.task]
         results = {}
         for name, (label, fitted, setting) in _variants(cfg, fits).items():
-            evaluation_x = self.features[label].features
+            evaluation_x = self.features[label].float()
             scores = fitted.scores(evaluation_x)
             evaluated = task.evaluate(scores, self.targets, self.classes, self.trained_classes)
             results[name] = {"result": evaluated.metrics[cfg.metric],

@@ -181,6 +181,9 @@ class FeaturesConfig(Section):
         [LayerConfig()], min_length=1, max_length=32,
         description="the layers a head is trained on, one head each, all from one forward "
                     "pass; a result per layer")
+    storage: Literal["fp32", "fp16"] = Field(
+        "fp32", description="how the feature store keeps the rows: fp32, or fp16 (half the "
+                            "disk and memory; heads still train in fp32)")
 
 
 _FEATURE_NORM = Field("standardize", description="normalisation fitted on the training "

@@ -128,6 +128,31 @@ def peak_memory_mib() -> float:
     return peak / (2**20 if sys.platform == "darwin" else 2**10)
 
 
+class Looks:
+    """Documents of files looked at without claiming them, parsed once per version of a file.
+
+    A waiting parent is looked at whenever one of its children finishes and on every sweep, a
+    queued sibling whenever a claim looks for a batch; re-parsing them dominated a protocol's
+    queue time. A file's version is its inode, size and modification time; anything acted on is
+    read again under a claim. The oldest entries go past `limit`. Callers must not change the
+    documents returned.
+    """
+
+    def __init__(self, limit: int = 512) -> None:
+        self.limit = limit
+        self._docs: dict[Path, tuple[tuple[int, int, int], dict[str, Any]]] = {}
+
+    def read(self, path: Path) -> dict[str, Any]:
+        found = os.stat(path, follow_symlinks=False)
+        version = (found.st_ino, found.st_size, found.st_mtime_ns)
+        seen = self._docs.pop(path, None)
+        doc = seen[1] if seen is not None and seen[0] == version else yamlio.load_mapping(path)
+        self._docs[path] = (version, doc)  # newest last
+        while len(self._docs) > self.limit:
+            del self._docs[next(iter(self._docs))]
+        return doc
+
+
 class Heartbeat(threading.Thread):
     """Touches every claim this runner holds, so other runners see it alive."""
 
@@ -200,6 +225,7 @@ class Runner:
         self._watched: dict[str, tuple[float, Any]] = {}  # unsettled files: since, (size, ino)
         # Parents that were not waiting when a child of theirs finished: looked for at the end.
         self._parents: dict[str, tuple[str, Any]] = {}
+        self._looks = Looks()  # files looked at without a claim (waiting parents, siblings)
         self.jobs_done = 0
         self.claims = 0
         self.busy_seconds = 0.0  # time spent on claimed jobs
@@ -481,7 +507,7 @@ class Runner:
     def _may_join(self, path: Path, doc: Mapping[str, Any], key: Hashable) -> bool:
         """A look at a queued file, before claiming it: a sibling that can join the batch."""
         try:
-            other = yamlio.load_mapping(path)
+            other = self._looks.read(path)
         except Exception:  # gone, being written, or broken: whoever claims it says why
             return False
         return (other.get("parent") == doc["parent"] and other.get("pipeline") == doc["pipeline"]
@@ -640,7 +666,7 @@ class Runner:
             return False
         path = self.area.folder(WAITING) / (f"{job_id}{SUFFIX}")
         try:
-            if missing_children(yamlio.load_mapping(path), self.area):
+            if missing_children(self._looks.read(path), self.area):
                 return False
         except Exception:  # gone (released by another runner), or broken by hand: not ours
             return False

@@ -55,7 +55,7 @@ def image_size(config: LinearProbeConfig, spec: BackboneSpec) -> int:
 Features = dict[str, dict[str, FeatureSet]]  # role (train, eval) -> layer label -> features
 
 
-def _features(cfg: LinearProbeConfig, spec: BackboneSpec, splits: dict[str, Split],
+def cached_features(cfg: LinearProbeConfig, spec: BackboneSpec, splits: dict[str, Split],
               cache_dir: Path, device: str, num_workers: int,
               progress: bool) -> tuple[Features, dict[str, dict[str, Any]]]:
     """Features of each split and layer through the cache; the backbone is built on the first
@@ -264,7 +264,8 @@ def run_linear_probes(configs: list[LinearProbeConfig | Mapping[str, Any]], *, c
     trained_classes = _trained_classes(cfg, splits)
 
     start = time.perf_counter()
-    features, cache_info = _features(cfg, spec, splits, cache_dir, device, num_workers, progress)
+    features, cache_info = cached_features(cfg, spec, splits, cache_dir, device, num_workers,
+                                           progress)
     features_done = time.perf_counter()
     train_targets = targets(splits["train"], classes)
     inputs = [HeadInput(features["train"][layer.label()].float(), train_targets, classes,

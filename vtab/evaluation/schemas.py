@@ -393,3 +393,22 @@ class LinearProbeConfig(Section):
         if self.data.task == "single_label":
             dumped["head"].pop("train_difficult_as", None)
         return dumped
+
+
+class ExportDataConfig(Section):
+    root: str = Field(description="folder with one folder per dataset (SETUP_DATA.md)")
+    splits: list[PlainName] = Field(
+        ["train800", "val200", "test"], min_length=1, max_length=64,
+        description="the splits whose features are written (files without .txt, or class "
+                    "folders)")
+    task: Task = Field("single_label", description="how the split files' labels read: "
+                                                   "single_label or multi_label")
+
+
+class ExportConfig(Section):
+    """What ``main_export.py`` reads: a dataset's splits, the backbone and how to extract."""
+
+    dataset: PlainName = Field(description="dataset folder under data.root")
+    data: ExportDataConfig
+    backbone: BackboneConfig
+    features: FeaturesConfig = Field(FeaturesConfig(), description="feature extraction")

@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import hashlib
 import os
 import sys
 import uuid
 from pathlib import Path
+from typing import BinaryIO
 
 
 def temp_path_for(path: Path) -> Path:
@@ -136,3 +138,12 @@ def append_line(path: Path | str, line: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def sha256_hex(handle: BinaryIO, chunk: int = 2**20) -> str:
+    """The sha256 of what remains to be read from `handle`, read in chunks (hashlib's
+    file_digest does this from Python 3.11 on)."""
+    digest = hashlib.sha256()
+    while block := handle.read(chunk):
+        digest.update(block)
+    return digest.hexdigest()

@@ -37,6 +37,7 @@ from torch.utils.data import Dataset
 
 from vtab.errors import ConfigError, DataError, VtabError
 from vtab.evaluation.schemas import TASKS
+from vtab.fsutil import sha256_hex
 from vtab.vtab1k import VTAB1K_DATASETS
 
 SPLITS: tuple[str, ...] = ("train800", "val200", "train800val200", "test")
@@ -484,7 +485,7 @@ def image_digests(split: Split) -> list[str]:
         where = f"image {file} (listed in {split.file})"
         try:
             with _open_inside(file, inside, where) as handle:
-                digests.append(hashlib.file_digest(handle, "sha256").hexdigest())
+                digests.append(sha256_hex(handle))
         except FileNotFoundError as exc:
             raise DataError(f"{where} does not exist") from exc
     return digests

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from vtab.errors import DataError
-from vtab.fsutil import atomic_write
+from vtab.fsutil import atomic_write, sha256_hex
 
 # Bump when the entry layout or the extraction changes in a way the key fields do not show.
 FORMAT_VERSION = 3  # 3: .npy rows memory-mapped, a .csv manifest, rows matched by content
@@ -100,7 +100,7 @@ class FeatureSet:
 
 def file_sha256(path: Path) -> str:
     with path.open("rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
+        return sha256_hex(handle)
 
 
 def _read_plain(path: Path) -> bytes:

@@ -57,9 +57,9 @@ def test_absent_classes_and_top5() -> None:
 def test_per_sample_outputs_and_csv(tmp_path: Path) -> None:
     logits = torch.tensor([[0.6, 0.3, 0.1], [0.2, 0.2, 0.6]]).log()
     fields, rows = SingleLabel.per_sample(logits, torch.tensor([1, 2]), ["img/a.png", "img/b.png"],
-                                          "logits")
-    assert [(r["id"], r["target"], r["prediction"]) for r in rows] == [
-        ("img/a.png", 1, 0), ("img/b.png", 2, 2)]
+                                          "logits", "val200")
+    assert [(r["id"], r["split"], r["target"], r["prediction"], r["correct"]) for r in rows] == [
+        ("img/a.png", "val200", 1, 0, 0), ("img/b.png", "val200", 2, 2, 1)]
     assert rows[0]["confidence"] == pytest.approx(0.6)
     assert rows[0]["margin"] == pytest.approx(0.3)
     assert rows[0]["loss"] == pytest.approx(-math.log(0.3))
@@ -69,7 +69,8 @@ def test_per_sample_outputs_and_csv(tmp_path: Path) -> None:
     write_per_sample_csv(path, fields, rows)
     with open(path) as handle:
         read = list(csv.DictReader(handle))
-    assert list(read[0]) == ["id", "target", "prediction", "confidence", "margin", "loss"]
+    assert list(read[0]) == ["id", "split", "target", "prediction", "correct", "confidence",
+                             "margin", "loss"]
     assert read[1]["id"] == "img/b.png" and float(read[1]["loss"]) == pytest.approx(-math.log(0.6))
 
 
@@ -149,11 +150,12 @@ def test_multilabel_loss_ignores_difficult_labels() -> None:
 
 
 def test_multilabel_per_sample_rows() -> None:
-    fields, rows = MultiLabel.per_sample(torch.tensor([[2.0, -1.0, 0.5]]),
-                                         torch.tensor([[1, -1, 0]], dtype=torch.int8), ["a"],
-                                         "logits")
-    assert rows == [{"id": "a", "targets": "0", "difficult": "1", "predicted": "0,2",
-                     "top_scores": "0:2 2:0.5 1:-1"}]
+    fields, rows = MultiLabel.per_sample(torch.tensor([[2.0, -1.0, 0.5], [2.0, 1.0, -0.5]]),
+                                         torch.tensor([[1, -1, 0], [1, -1, 0]], dtype=torch.int8),
+                                         ["a", "b"], "logits", "test")
+    assert rows[0] == {"id": "a", "split": "test", "targets": "0", "difficult": "1",
+                       "predicted": "0,2", "correct": 0, "top_scores": "0:2 2:0.5 1:-1"}
+    assert rows[1]["correct"] == 1  # class 0 right, 2 rightly absent, 1 difficult: either way
     assert tuple(rows[0]) == fields
 
 

@@ -163,6 +163,8 @@ def test_linear_probe_end_to_end(digits_root: Path, tmp_path: Path,
     assert rows[0]["id"].startswith("images/val200/")
     correct = sum(row["target"] == row["prediction"] for row in rows)
     assert correct / 200 == pytest.approx(first["result"])
+    assert sum(int(row["correct"]) for row in rows) == correct
+    assert {row["split"] for row in rows} == {"val200"}
 
     def no_build(*args: Any) -> None:
         raise AssertionError("the backbone was built although both splits are cached")

@@ -99,6 +99,6 @@ def test_multilabel_svm_reports_voc07_map_and_per_class_ap(drained: WorkArea) ->
     outputs = (drained.folder(SUMMARIZED) / "heads_svm_multilabel" / "outputs" /
                "heads_svm_multilabel__digit_pairs" / "test_predictions.csv")
     header, first, *rest = outputs.read_text().splitlines()
-    assert header == "id,targets,difficult,predicted,top_scores"
+    assert header == "id,split,targets,difficult,predicted,correct,top_scores"
     assert len(rest) + 1 == job["num_eval"]
     assert first.split(",")[0].startswith("images/test/")

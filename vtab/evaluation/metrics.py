@@ -20,8 +20,10 @@ import torch.nn.functional as F
 
 from vtab.fsutil import atomic_write
 
-SINGLE_LABEL_FIELDS = ("id", "target", "prediction", "confidence", "margin", "loss")
-MULTI_LABEL_FIELDS = ("id", "targets", "difficult", "predicted", "top_scores")
+SINGLE_LABEL_FIELDS = ("id", "split", "target", "prediction", "correct", "confidence", "margin",
+                       "loss")
+MULTI_LABEL_FIELDS = ("id", "split", "targets", "difficult", "predicted", "correct",
+                      "top_scores")
 
 
 def classification_metrics(scores: torch.Tensor, targets: torch.Tensor, num_classes: int, *,
@@ -167,23 +169,27 @@ class SingleLabel:
 
     @staticmethod
     def per_sample(scores: torch.Tensor, targets: torch.Tensor, ids: Sequence[Any],
-                   output: str) -> tuple[tuple[str, ...], list[dict[str, Any]]]:
-        """One row per example: target, prediction, confidence (its probability), margin
-        (top-1 minus top-2 probability) and cross-entropy loss; the last three only for heads
-        whose scores are logits or probabilities."""
+                   output: str, split: str = "") -> tuple[tuple[str, ...], list[dict[str, Any]]]:
+        """One row per example: its split, target, prediction, whether that is correct (1 or
+        0), confidence (its probability), margin (top-1 minus top-2 probability) and
+        cross-entropy loss; the last three only for heads whose scores are logits or
+        probabilities."""
         scores = scores.float()
         probs = scores.softmax(1) if output == "logits" else scores
         predictions = scores.argmax(1).tolist()
+        correct = [int(p == t) for p, t in zip(predictions, targets.tolist(), strict=True)]
+        splits = [split] * len(ids)
         if output == "margins":
             blank = [""] * len(ids)
-            columns = zip(ids, targets.tolist(), predictions, blank, blank, blank, strict=True)
+            columns = zip(ids, splits, targets.tolist(), predictions, correct, blank, blank,
+                          blank, strict=True)
         else:
             top = probs.topk(min(2, probs.shape[1]), dim=1).values
             margins = top[:, 0] - top[:, 1] if top.shape[1] > 1 else top[:, 0]
             picked = probs.gather(1, targets.long()[:, None])[:, 0].clamp_min(1e-12)
             losses = -picked.log()
-            columns = zip(ids, targets.tolist(), predictions, top[:, 0].tolist(),
-                          margins.tolist(), losses.tolist(), strict=True)
+            columns = zip(ids, splits, targets.tolist(), predictions, correct,
+                          top[:, 0].tolist(), margins.tolist(), losses.tolist(), strict=True)
         return SINGLE_LABEL_FIELDS, [dict(zip(SINGLE_LABEL_FIELDS, row, strict=True))
                                      for row in columns]
 
@@ -208,17 +214,21 @@ class MultiLabel:
 
     @staticmethod
     def per_sample(scores: torch.Tensor, targets: torch.Tensor, ids: Sequence[Any],
-                   output: str) -> tuple[tuple[str, ...], list[dict[str, Any]]]:
-        """One row per example: its classes, difficult ones, the classes predicted present
-        (logit or margin above 0, probability above 0.5) and the three best scores."""
+                   output: str, split: str = "") -> tuple[tuple[str, ...], list[dict[str, Any]]]:
+        """One row per example: its split, classes, difficult ones, the classes predicted
+        present (logit or margin above 0, probability above 0.5), whether those are exactly
+        its classes (1 or 0; difficult ones may go either way) and the three best scores."""
         threshold = 0.5 if output == "probabilities" else 0.0
         rows = []
         for identifier, score, target in zip(ids, scores.float(), targets, strict=True):
             best = score.topk(min(3, len(score)))
+            predicted = score > threshold
+            counted = target >= 0
             rows.append({
-                "id": identifier,
+                "id": identifier, "split": split,
                 "targets": _classes(target == 1), "difficult": _classes(target < 0),
-                "predicted": _classes(score > threshold),
+                "predicted": _classes(predicted),
+                "correct": int(bool((predicted[counted] == (target[counted] == 1)).all())),
                 "top_scores": " ".join(f"{c}:{v:.4g}" for v, c in
                                        zip(best.values.tolist(), best.indices.tolist(),
                                            strict=True))})

@@ -331,7 +331,7 @@ class _Evaluation:
             if outputs_dir is not None:
                 outputs_dir.mkdir(parents=True, exist_ok=True)
                 fields, rows = task.per_sample(scores, self.targets, self.split.paths,
-                                               fitted.output)
+                                               fitted.output, self.split.name)
                 stem = "_".join(filter(None, [cfg.data.eval_split, _safe_name(name)]))
                 write_per_sample_csv(outputs_dir / f"{stem}_predictions.csv", fields, rows)
         timings = {**shared["timings"], "eval_s": round(time.perf_counter() - started, 3)}

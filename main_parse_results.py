@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no_std", action="store_true",
                         help="show only the mean over seeds in each cell, not mean±std "
                              "(terminal and Markdown; CSV and JSON always carry the std)")
+    parser.add_argument("--plot", type=Path, metavar="FILE.png",
+                        help="also draw the per-dataset comparison of the pipelines (and the "
+                             "group means) as a PNG (needs matplotlib: vtab[plots])")
     parser.add_argument("--transpose", action="store_true",
                         help="print datasets as rows and pipelines as columns (terminal and "
                              "Markdown); easier to read for one to three pipelines")
@@ -48,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return parse_results(args.root, args.pattern, show_std=not args.no_std,
                          transpose=args.transpose, csv_path=args.csv, json_path=args.json,
-                         markdown_path=args.markdown)
+                         markdown_path=args.markdown, plot_path=args.plot)
 
 
 if __name__ == "__main__":

@@ -477,7 +477,8 @@ def _compact_value(value: Any) -> str:
 
 def parse_results(root: Path, pattern: str | None = None, *, show_std: bool = True,
                   transpose: bool = False, csv_path: Path | None = None,
-                  json_path: Path | None = None, markdown_path: Path | None = None) -> int:
+                  json_path: Path | None = None, markdown_path: Path | None = None,
+                  plot_path: Path | None = None) -> int:
     """Print the table of the summaries under `root` and write the requested files.
 
     Returns the exit code: 0 when at least one summary was read, 1 otherwise (with the reason on
@@ -504,6 +505,15 @@ def parse_results(root: Path, pattern: str | None = None, *, show_std: bool = Tr
     for path, render in outputs:
         if path is not None and not _write(path, render()):
             return 1
+    if plot_path is not None:
+        from vtab.plots import plot_table  # matplotlib only when a plot is asked for
+
+        try:
+            plot_path.parent.mkdir(parents=True, exist_ok=True)
+            plot_table(table, plot_path)
+        except (VtabError, OSError) as exc:
+            return _fail(f"cannot plot to {plot_path}: {exc}")
+        print(f"wrote {plot_path}", file=sys.stderr)
     return 0
 
 

@@ -1,0 +1,71 @@
+"""Pictures of results tables: the per-dataset comparison of pipelines (matplotlib, an extra)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+from vtab.errors import VtabError
+from vtab.fsutil import atomic_write
+from vtab.results import Table, percent
+
+NEEDS_MATPLOTLIB = ("plots need matplotlib, which is not installed: pip install 'vtab[plots]' "
+                    "(or pip install matplotlib)")
+
+
+def pyplot() -> Any:
+    """matplotlib's pyplot on a backend that needs no display; a clear error when missing."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise VtabError(NEEDS_MATPLOTLIB) from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_table(table: Table, path: Path) -> None:
+    """A grouped bar chart: for each dataset its mean (error bar: std over seeds) per pipeline,
+    then the group means; written as a PNG. Refused when the pipelines share no dataset."""
+    shared = [name for name in table.datasets
+              if all(name in row.result.scores for row in table.rows)]
+    if not shared:
+        names = ", ".join(row.result.pipeline for row in table.rows)
+        raise VtabError(f"the pipelines to plot ({names}) have no dataset in common: choose "
+                        "pipelines evaluated on the same datasets (--filter)")
+    columns = table.datasets + table.aggregates
+    plt = pyplot()
+    width = 0.8 / len(table.rows)
+    figure, axes = plt.subplots(figsize=(max(6.0, 0.55 * len(columns) * max(1, len(table.rows))
+                                             ** 0.5 + 2), 4.5))
+    for index, row in enumerate(table.rows):
+        means, errors = [], []
+        for name in columns:
+            if name in row.result.scores:
+                score = row.result.scores[name]
+                means.append(percent(score.mean))
+                errors.append(percent(score.std) or 0.0)
+            else:  # a group mean, or a dataset this pipeline lacks (no bar)
+                means.append(percent(row.aggregates.get(name)))
+                errors.append(0.0)
+        positions = [c + (index - (len(table.rows) - 1) / 2) * width for c in range(len(columns))]
+        kept = [(p, m, e) for p, m, e in zip(positions, means, errors, strict=True)
+                if m is not None]
+        axes.bar([p for p, _, _ in kept], [m for _, m, _ in kept], width,
+                 yerr=[e for _, _, e in kept], capsize=2, label=row.result.pipeline)
+    axes.set_xticks(range(len(columns)))
+    axes.set_xticklabels(columns, rotation=45, ha="right")
+    if table.aggregates:
+        axes.axvline(len(table.datasets) - 0.5, color="grey", linewidth=0.8)
+    metrics = {row.result.metric for row in table.rows} - {None}
+    axes.set_ylabel(f"{'/'.join(sorted(metrics)) or 'result'} (%), mean over seeds")
+    axes.set_ylim(0, 100)
+    axes.legend(fontsize="small")
+    axes.grid(axis="y", alpha=0.3)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=120)
+    plt.close(figure)
+    atomic_write(path, buffer.getvalue())

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from vtab.evaluation.metrics import SINGLE_LABEL_FIELDS, write_per_sample_csv
@@ -33,3 +35,44 @@ def test_the_surest_mistakes_come_first(tmp_path: Path, place: str,
 def test_an_unknown_job_is_named(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["nope", "--work_area", str(tmp_path)]) == 2
     assert "no per-sample tables of nope" in capsys.readouterr().out
+
+
+def test_a_projection_of_a_finished_job(digits_root: Path, tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch,
+                                        capsys: pytest.CaptureFixture) -> None:
+    import shutil
+
+    from tests.conftest import REPO, drain
+    from vtab.workarea import WorkArea
+
+    monkeypatch.setenv("VTAB1K_ROOT", str(digits_root))
+    monkeypatch.setenv("VTAB_DEBUG_EPOCHS", "3")
+    area = WorkArea(tmp_path / "work")
+    shutil.copy(REPO / "pipelines" / "debug" / "debug.yaml", area.root)
+    assert drain(area) == 0
+    job = "debug__digits__final__seed=0"
+    assert main([job, "--work_area", str(area.root), "--projection", str(tmp_path / "p")]) == 0
+    out = capsys.readouterr().out
+    assert "test_predictions.csv" in out and f"wrote {tmp_path / 'p.png'}" in out
+    with (tmp_path / "p.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 797 and list(rows[0]) == ["id", "x", "y", "target", "prediction",
+                                                  "correct"]
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The projection against a hand-made PCA (numpy's SVD of the centred training features),
+    # up to the sign of each component.
+    from vtab import yamlio
+    from vtab.evaluation.store import FeatureCache
+
+    keys = yamlio.load_mapping(area.summarized_jobs("debug") / f"{job}.yaml")["features"]
+    store = FeatureCache(area.root / "cache" / "features")
+    train, test = (store.load(keys[role]["keys"]["output"]).float().double().numpy()
+                   for role in ("train", "eval"))
+    mean = train.mean(0)
+    components = np.linalg.svd(train - mean, full_matrices=False)[2][:2]
+    expected = (test - mean) @ components.T
+    ours = np.array([[float(row["x"]), float(row["y"])] for row in rows])
+    signs = np.sign((ours * expected).sum(0))
+    np.testing.assert_allclose(ours, expected * signs, rtol=1e-3, atol=1e-3)
+    correct = [row["correct"] == "1" for row in rows]
+    assert 0 < sum(correct) < len(rows)  # some of each, marked

@@ -7,6 +7,7 @@ import ctypes
 import errno
 import hashlib
 import os
+import re
 import sys
 import uuid
 from pathlib import Path
@@ -147,3 +148,9 @@ def sha256_hex(handle: BinaryIO, chunk: int = 2**20) -> str:
     while block := handle.read(chunk):
         digest.update(block)
     return digest.hexdigest()
+
+
+def safe_name(label: str) -> str:
+    """`label` as a file name part: runs of other characters than letters, digits, ``._-``
+    become ``_`` (``layer3:avg`` -> ``layer3_avg``)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("_")

@@ -1,13 +1,17 @@
-"""The worst-classified samples of a job, from its per-sample tables (``main_inspect.py``)."""
+"""A job's worst-classified samples, from its per-sample tables, and a 2-D projection of its
+evaluation features with its mistakes marked (``main_inspect.py``)."""
 
 from __future__ import annotations
 
 import argparse
 import csv
+import io
 from collections.abc import Iterator
 from pathlib import Path
 
+from vtab import yamlio
 from vtab.errors import VtabError
+from vtab.fsutil import atomic_write, safe_name
 from vtab.workarea import OUTPUTS, SUMMARIZED, checked_id
 
 SUFFIX = "_predictions.csv"
@@ -46,9 +50,82 @@ def report(area: Path, job_id: str, top: int) -> Iterator[str]:
             continue
         columns = [c for c in rows[0] if c not in ("split", "correct") and any(r[c] for r in rows)]
         widths = {c: max(len(c), *(len(_cell(r[c])) for r in rows)) for c in columns}
-        yield "  " + "  ".join(c.ljust(widths[c]) for c in columns)
+        yield ("  " + "  ".join(c.ljust(widths[c]) for c in columns)).rstrip()
         for row in rows:
-            yield "  " + "  ".join(_cell(row[c]).ljust(widths[c]) for c in columns)
+            yield ("  " + "  ".join(_cell(row[c]).ljust(widths[c]) for c in columns)).rstrip()
+
+
+def job_file(area: Path, job_id: str) -> Path:
+    """The file of a finished job (in finished/ or summarized)."""
+    found = [*area.glob(f"finished/{job_id}.yaml"),
+             *area.glob(f"{SUMMARIZED}/*/jobs/{job_id}.yaml")]
+    if not found:
+        raise VtabError(f"{job_id} is not a finished job of {area} (finished/ or "
+                        f"{SUMMARIZED}/*/jobs/)")
+    return found[0]
+
+
+def projection(area: Path, job_id: str, out: Path, cache_dir: Path, method: str,
+               layer: str | None) -> list[Path]:
+    """Project the job's evaluation features (fitted on its training features) to 2-D; write
+    ``<out>.png`` (coloured by class, mistakes as crosses) and ``<out>.csv`` (id, x, y,
+    target, prediction, correct)."""
+    from vtab.evaluation.projection import project
+    from vtab.evaluation.store import FeatureCache
+    from vtab.plots import scatter_png
+
+    job = yamlio.load_mapping(job_file(area, job_id))
+    keys = {role: (job.get("features") or {}).get(role, {}).get("keys", {})
+            for role in ("train", "eval")}
+    labels = sorted(keys["eval"])
+    if not labels:
+        raise VtabError(f"{job_id} records no feature keys: not a linear_probe job?")
+    label = layer or labels[0]
+    if label not in labels or (len(labels) > 1 and layer is None):
+        raise VtabError(f"{job_id} has features of layers {', '.join(labels)}: name one with "
+                        "--layer")
+    store = FeatureCache(cache_dir)
+    found = {role: store.load(keys[role][label]) for role in keys}
+    missing = [role for role, features in found.items() if features is None]
+    if missing:
+        raise VtabError(f"the {' and '.join(missing)} features of {job_id} are not in "
+                        f"{cache_dir} (another --cache_dir?)")
+    table_path = _table_of(area, job_id, job, label)
+    with table_path.open(newline="") as handle:
+        table = list(csv.DictReader(handle))
+    points = project(found["train"].float().numpy(), found["eval"].float().numpy(), method)
+    rows = [{"id": row["id"], "x": float(x), "y": float(y), "target": row.get("target",
+             row.get("targets")), "prediction": row.get("prediction", row.get("predicted")),
+             "correct": row["correct"]} for row, (x, y) in zip(table, points, strict=True)]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _write_csv(out.with_suffix(".csv"), rows)
+    targets = [int(str(row["target"]).split(",")[0] or 0) for row in rows]
+    title = (f"{job_id}: {job['run_config']['data']['eval_split']} "
+             f"({len(rows)} images), {method.upper()} fitted on "
+             f"{job['run_config']['data']['train_split']}")
+    scatter_png(points, targets, [row["correct"] == "1" for row in rows],
+                out.with_suffix(".png"), title)
+    return [out.with_suffix(".png"), out.with_suffix(".csv")]
+
+
+def _table_of(area: Path, job_id: str, job: dict, label: str) -> Path:
+    """The per-sample table of the layer `label` (of the only head variant)."""
+    candidates = tables(area, job_id)
+    named = [path for path in candidates if safe_name(label) in path.name]
+    chosen = named if len(candidates) > 1 else candidates
+    if len(chosen) != 1:
+        raise VtabError(f"cannot tell which of {', '.join(p.name for p in candidates)} holds "
+                        f"the layer {label}")
+    return chosen[0]
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]) if rows else ["id"],
+                            lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(path, text.getvalue())
 
 
 def _cell(value: str) -> str:
@@ -64,10 +141,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("job_id", help="a job's id (its file name without .yaml)")
     parser.add_argument("--work_area", type=Path, default=Path("./work"))
     parser.add_argument("--top", type=int, default=20, help="how many samples per table")
+    parser.add_argument("--projection", type=Path, metavar="OUT",
+                        help="also write OUT.png and OUT.csv: the job's evaluation features "
+                             "projected to 2-D (fitted on its training features), coloured by "
+                             "class, mistakes marked")
+    parser.add_argument("--method", choices=("pca", "umap"), default="pca",
+                        help="the projection (umap needs umap-learn)")
+    parser.add_argument("--layer", help="the layer to project, for a job of several")
+    parser.add_argument("--cache_dir", type=Path, default=None,
+                        help="the feature store (default: WORK_AREA/cache/features)")
     args = parser.parse_args(argv)
     try:
         for line in report(args.work_area, args.job_id, args.top):
             print(line)
+        if args.projection is not None:
+            cache = args.cache_dir or args.work_area / "cache" / "features"
+            for path in projection(args.work_area, args.job_id, args.projection, cache,
+                                   args.method, args.layer):
+                print(f"wrote {path}")
     except VtabError as exc:
         print(f"main_inspect: {exc}")
         return 2

@@ -6,6 +6,8 @@ import io
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from vtab.errors import VtabError
 from vtab.fsutil import atomic_write
 from vtab.results import Table, percent
@@ -67,5 +69,31 @@ def plot_table(table: Table, path: Path) -> None:
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=120)
+    plt.close(figure)
+    atomic_write(path, buffer.getvalue())
+
+
+def scatter_png(points: np.ndarray, targets: list[int], correct: list[bool], path: Path,
+                title: str) -> None:
+    """Points coloured by class; mistakes drawn as crosses over the dots of the right ones."""
+    plt = pyplot()
+    colours = plt.get_cmap("tab20" if max(targets, default=0) >= 10 else "tab10")
+    figure, axes = plt.subplots(figsize=(7, 6))
+    right = np.array(correct, dtype=bool)
+    shade = [colours(t % colours.N) for t in targets]
+    for mask, marker, size, label in ((right, "o", 12, "correct"), (~right, "x", 36, "wrong")):
+        if mask.any():
+            axes.scatter(points[mask, 0], points[mask, 1], marker=marker, s=size,
+                         c=[colour for colour, kept in zip(shade, mask, strict=True) if kept],
+                         linewidths=1.2)
+        # The legend's entry in grey: the colours are the classes'.
+        axes.scatter([], [], c="grey", marker=marker, s=size, label=f"{label} ({int(mask.sum())})")
+    axes.set_title(title, fontsize="medium")
+    axes.set_xlabel("component 1")
+    axes.set_ylabel("component 2")
+    axes.legend(fontsize="small", title="colour: class", title_fontsize="small")
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
     plt.close(figure)
     atomic_write(path, buffer.getvalue())

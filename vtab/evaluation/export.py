@@ -16,7 +16,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from vtab.evaluation.backbones import resolve_backbone
 from vtab.evaluation.data import Split, label_text, open_split
 from vtab.evaluation.probe import cached_features
 from vtab.evaluation.schemas import ExportConfig
-from vtab.fsutil import atomic_write
+from vtab.fsutil import atomic_write, safe_name
 from vtab.schema import validate
 
 MANIFEST_FIELDS = ("image", "split", "target", "file", "row", "layer")
@@ -48,7 +47,7 @@ def export_features(config: ExportConfig | Mapping[str, Any], out: Path, *, cach
     for name, split in splits.items():
         targets = [label_text(label) for label in split.labels]
         for label in labels:
-            file = f"{name}.npy" if len(labels) == 1 else f"{name}.{_safe(label)}.npy"
+            file = f"{name}.npy" if len(labels) == 1 else f"{name}.{safe_name(label)}.npy"
             rows = features[name][label].float().numpy()
             buffer = io.BytesIO()
             np.save(buffer, rows, allow_pickle=False)
@@ -82,6 +81,3 @@ def _open_splits(cfg: ExportConfig) -> dict[str, Split]:
         raise ConfigError.combine(problems)
     return splits
 
-
-def _safe(label: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("_")

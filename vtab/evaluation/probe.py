@@ -13,7 +13,6 @@ import copy
 import functools
 import json
 import logging
-import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ from vtab.evaluation.heads import FitSettings, Fitted, HeadInput, fit_heads_toge
 from vtab.evaluation.metrics import TASKS, write_per_sample_csv
 from vtab.evaluation.schemas import GRADIENT_HEADS, LinearProbeConfig
 from vtab.evaluation.store import FeatureCache, FeatureSet
+from vtab.fsutil import safe_name
 from vtab.schema import validate
 
 log = logging.getLogger(__name__)
@@ -184,10 +184,6 @@ def inspect(config: LinearProbeConfig) -> list[ConfigError | Advice]:
     except ConfigError as exc:
         found += exc.problems
     return found
-
-
-def _safe_name(variant: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", variant).strip("_")
 
 
 def _variants(cfg: LinearProbeConfig, fits: list[dict[str, Fitted]]) -> dict[str, tuple[
@@ -332,7 +328,7 @@ class _Evaluation:
                 outputs_dir.mkdir(parents=True, exist_ok=True)
                 fields, rows = task.per_sample(scores, self.targets, self.split.paths,
                                                fitted.output, self.split.name)
-                stem = "_".join(filter(None, [cfg.data.eval_split, _safe_name(name)]))
+                stem = "_".join(filter(None, [cfg.data.eval_split, safe_name(name)]))
                 write_per_sample_csv(outputs_dir / f"{stem}_predictions.csv", fields, rows)
         timings = {**shared["timings"], "eval_s": round(time.perf_counter() - started, 3)}
         own = {**copy.deepcopy(shared), "timings": timings}  # each job's own document

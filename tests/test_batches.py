@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import signal
+import types
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,10 @@ from tests.conftest import drain, queue
 from tests.test_evaluation import probe_config
 from tests.test_processes import start_runner, wait_for
 from vtab import yamlio
-from vtab.runner import BLOCKED_EXIT
+from vtab.errors import RunnerEnvironmentError
+from vtab.pipeline import StageContext, register_kind
+from vtab.runner import BLOCKED_EXIT, CANNOT_RUN_EXIT
+from vtab.schema import Section
 from vtab.workarea import CRASHED, FINISHED, RUNNING, WorkArea
 
 RESULTS = [0.25, 0.5, 0.75]
@@ -193,3 +197,80 @@ def test_a_wide_layer_trains_as_separate_linear_heads() -> None:
             for ours, theirs in zip(fitted.model.parameters(), alone.model.parameters(),
                                     strict=True):
                 torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+# -- the device fails ------------------------------------------------------------------------------
+
+class DeviceConfig(Section):
+    value: float = 0.0
+
+
+def _device_key(config: DeviceConfig) -> str:
+    return "all"
+
+
+def _out_of_memory_when_batched(configs: list[DeviceConfig],
+                                ctxs: list[StageContext]) -> list[dict[str, Any] | Exception]:
+    """A device that holds one job's pass, not several."""
+    if len(configs) > 1:
+        raise RunnerEnvironmentError(f"the device ran out of memory ({len(configs)} jobs)")
+    return [{"result": config.value, "metrics": {"top1": config.value}} for config in configs]
+
+
+def _one_at_a_time(config: DeviceConfig, ctx: StageContext) -> dict[str, Any]:
+    (output,) = _out_of_memory_when_batched([config], [ctx])
+    return output
+
+
+register_kind("test_small_device", DeviceConfig, batch_key=_device_key,
+              run_many=_out_of_memory_when_batched)(_one_at_a_time)
+
+
+def test_a_pass_the_device_cannot_hold_is_given_back_and_batches_shrink(
+        area: WorkArea, caplog: pytest.LogCaptureFixture) -> None:
+    queue(area, {"name": "d", "current_stage": "tune", "config": {},
+                 "stages": {"tune": {"grid": {"value": [0.1, 0.2, 0.3, 0.4]},
+                                     "child_stage": "run"},
+                            "run": {"hyperparams": {"kind": "test_small_device"}}}})
+    assert drain(area) == 0  # the runner goes on: the batch's size was the trouble
+    done = children(area, FINISHED)
+    assert sorted(job["result"] for job in done.values()) == [0.1, 0.2, 0.3, 0.4]
+    assert all("errors" not in job and "environment_failures" not in job
+               for job in done.values())  # given back uncounted, run alone at last
+    assert "batches are at most 2 jobs" in caplog.text
+    assert "batches are at most 1 jobs" in caplog.text
+
+
+def test_a_device_failing_while_a_job_is_scored_stops_the_runner(
+        area: WorkArea, digits_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from vtab.evaluation import probe
+
+    def out_of_memory(*args: Any, **kwargs: Any) -> None:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(probe._Evaluation, "run", out_of_memory)
+    config = probe_config(digits_root, **{"optim.epochs": 1})
+    queue(area, {"name": "p", "current_stage": "run", "config": config,
+                 "stages": {"run": {"hyperparams": {"kind": "linear_probe"}}}})
+    assert drain(area) == CANNOT_RUN_EXIT
+    (queued,) = [yamlio.load_mapping(path) for path in area.queued()]
+    assert queued["attempts"] == 0 and queued["environment_failures"] == 1
+
+
+def test_an_error_of_the_pass_is_recorded_once_in_each_job(area: WorkArea, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from vtab import kinds
+
+    def broken(seconds: float) -> None:
+        raise ValueError("the pass broke")
+
+    monkeypatch.setattr(kinds, "time", types.SimpleNamespace(sleep=broken))  # kinds' own only
+    queue(area, batch_pipeline(tmp_path / "runs.log"))
+    assert drain(area, max_attempts=1) == BLOCKED_EXIT
+    crashed = children(area, CRASHED)
+    assert len(crashed) == 6
+    for job in crashed.values():
+        assert job["error"]["message"] == "the pass broke"
+        assert job["error"]["traceback"].count("_run_stages") <= 1

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from vtab.errors import DataError
 from vtab.evaluation import store
 from vtab.evaluation.backbones import build_backbone, resolve_backbone, source_of
 from vtab.evaluation.data import ImageSplit, Split, image_digests, open_split
@@ -338,3 +339,21 @@ def test_timm_register_tokens_are_left_out_and_a_missing_cls_is_refused() -> Non
                             class_token=False, global_pool="avg").eval()
     with pytest.raises(ConfigError, match="needs a CLS token; this model has none"):
         check_layers(gap, [LayerConfig(name="blocks.1", pool="cls")], source, 32)
+
+
+def test_image_names_with_unusual_characters_survive_the_manifest(tmp_path: Path) -> None:
+    cache = FeatureCache(tmp_path)
+    paths = ["a\x0cb.png", "c,d.png", 'e"f.png', "g\u2028h.png"]
+    features = FeatureSet(torch.ones(4, 2), paths, {}, ["0" * 64] * 4, ["1", "2", "3", "4"])
+    cache.store("k" * 64, {"data": {"split": "s"}}, features)
+    assert cache.load("k" * 64).paths == paths
+    plain = FeatureSet(torch.ones(2, 2), ["a\x0cb.png", "c\u2028d.png"], {}, ["0" * 64] * 2,
+                       ["1", "2"])  # no quote anywhere: the fast path
+    cache.store("m" * 64, {"data": {"split": "s"}}, plain)
+    assert cache.load("m" * 64).paths == plain.paths
+
+
+def test_fp16_refuses_features_beyond_its_range(tmp_path: Path) -> None:
+    features = FeatureSet(torch.tensor([[1e6, 0.0]]), ["a.png"], {}, ["0" * 64], ["1"])
+    with pytest.raises(DataError, match="exceed the range of fp16"):
+        FeatureCache(tmp_path).store("k" * 64, {"storage": "fp16"}, features)

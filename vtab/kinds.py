@@ -53,6 +53,9 @@ def _linear_probes(configs: list[LinearProbeConfig],
                 raise
             raise RunnerEnvironmentError(f"{reason} ({type(exc).__name__}: {exc})") from exc
         for i, output in zip(trusted, found, strict=True):
+            reason = environment_failure(output) if isinstance(output, Exception) else None
+            if reason is not None:  # the device failed while scoring: the runner's fault
+                raise RunnerEnvironmentError(f"{reason} ({type(output).__name__}: {output})")
             outputs[i] = output
     return outputs  # every config has its output or its error
 

@@ -591,7 +591,7 @@ def _record_run(doc: dict[str, Any], stage: str, kind: JobKind, config: Section,
     doc["run_config"] = {"kind": kind.name, **config.model_dump(mode="json")}
     doc.setdefault("timings", {})["total_s"] = round(seconds, 3)
     if batch:  # the time is the whole pass's, shared by these jobs
-        doc["batch"] = {"jobs": batch}
+        doc["batch"] = {"jobs": list(batch)}
     doc["result_stage"] = stage
     doc["provenance"] = {**environment(ctx.device), "host": ctx.host, "runner": ctx.runner,
                          "finished_at": now_iso()}

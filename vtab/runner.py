@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Hashable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from types import FrameType
+from types import FrameType, TracebackType
 from typing import Any
 
 from vtab import kinds, processors, provenance, yamlio  # noqa: F401  (registers kinds and processors)
@@ -82,6 +82,9 @@ class StageRun:
     started_at: str
     seconds: float
     batch: int = 1  # jobs that ran it in one pass
+    # Where an error of the pass was raised: each job's record shows it once (re-raising one
+    # exception for each job would add frames to its traceback every time).
+    traceback: TracebackType | None = None
 
     def record(self, runner: str) -> dict[str, Any]:
         entry = {"stage": self.stage, "runner": runner, "started_at": self.started_at,
@@ -225,6 +228,7 @@ class Runner:
         self._watched: dict[str, tuple[float, Any]] = {}  # unsettled files: since, (size, ino)
         # Parents that were not waiting when a child of theirs finished: looked for at the end.
         self._parents: dict[str, tuple[str, Any]] = {}
+        self._batch_limit = settings.max_batch  # halved after a pass the device could not run
         self._looks = Looks()  # files looked at without a claim (waiting parents, siblings)
         self.jobs_done = 0
         self.claims = 0
@@ -474,17 +478,18 @@ class Runner:
         those claimed that turned out unable to join (changed since they were looked at):
         they run alone."""
         doc = handle.doc
-        limit = self.settings.max_batch
+        limit = self._batch_limit
         if self.settings.max_jobs is not None:
             limit = min(limit, self.settings.max_jobs - self.claims)
         key = batch_key(doc, self.device) if limit > 1 and doc.get("parent") else None
-        if key is None or self.stop_signal is not None:
+        if key is None or self.stop_signal is not None or self.broken is not None:
             return [], []
         prefix = f"{doc['parent']}__"  # children's ids extend their parent's (pipeline.py)
         joined: list[ClaimHandle] = []
         misfits: list[ClaimHandle] = []
         for path in self.area.queued():
-            if len(joined) + 1 >= limit or self.stop_signal is not None:
+            if (len(joined) + len(misfits) + 1 >= limit or self.stop_signal is not None
+                    or self.broken is not None):
                 break
             if not path.name.startswith(prefix) or not self._may_join(path, doc, key):
                 continue
@@ -518,7 +523,9 @@ class Runner:
 
         Every job ends on its own: one whose config or evaluation fails crashes (or is retried)
         alone; a stop signal gives each back; a lost claim is dropped alone. An error of the
-        shared pass ends every job of the batch with that error.
+        shared pass ends every job of the batch with that error, except a failure of the
+        device (out of memory, say), which the batch's size may have caused: its jobs go back
+        uncounted and this runner's batches are halved from then on.
         """
         stage = batch[0].doc["current_stage"]
         log.info("%s and %d sibling(s): stage %s in one pass", batch[0].job_id, len(batch) - 1,
@@ -533,10 +540,20 @@ class Runner:
         except BaseException as exc:
             if not isinstance(exc, (StopRequested, Exception)):
                 raise
+            if isinstance(exc, RunnerEnvironmentError):
+                self._batch_limit = max(1, len(batch) // 2)
+                log.warning("a pass of %d jobs failed on %s (%s): they go back uncounted, and "
+                            "this runner's batches are at most %d jobs from now on", len(batch),
+                            self.device, exc, self._batch_limit)
+                for handle in batch:
+                    self._guarded(handle, handle.give_back)
+                return
             ends = [exc] * len(batch)
         finally:
             self._interruptible = False
-        ran = StageRun(stage, started_at, time.monotonic() - started, len(batch))
+        ran = StageRun(stage, started_at, time.monotonic() - started, len(batch),
+                       next((e.__traceback__ for e in ends if isinstance(e, BaseException)),
+                            None))
         for handle, end in zip(batch, ends, strict=True):
             self._guarded(handle, functools.partial(self._run_stages, handle, (ran, end)))
 
@@ -623,7 +640,7 @@ class Runner:
             ran, outcome = done or self._run_stage(doc, ctx)
             done = None
             if isinstance(outcome, BaseException):
-                raise outcome
+                raise outcome.with_traceback(ran.traceback or outcome.__traceback__)
             if self.stop_signal is not None and not isinstance(outcome, Finish):
                 raise StopRequested  # the signal came between two stages: stop here
             doc.setdefault("history", []).append(ran.record(self.id))
@@ -639,7 +656,9 @@ class Runner:
         log.info("%s: stage %s", doc["id"], stage)
         self._interruptible = True
         try:
-            if self.stop_signal is not None:  # it came while the job was read or written
+            # A stop signal that came while the job was read or written; or this runner broke
+            # (its device, its storage) while a job claimed with others waited: give it back.
+            if self.stop_signal is not None or self.broken is not None:
                 raise StopRequested
             outcome = execute_stage(doc, ctx)
         finally:

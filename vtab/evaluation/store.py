@@ -225,8 +225,14 @@ class FeatureCache:
             raise ValueError("an entry needs the sha256 of every image it holds")
         self._folder(key)
         buffer = io.BytesIO()
-        np.save(buffer, features.features.float().numpy().astype(STORAGE[storage]),
-                allow_pickle=False)
+        values = features.features.float().numpy()
+        with np.errstate(over="ignore"):  # an overflow is refused just below, by name
+            stored = values.astype(STORAGE[storage])
+        if not np.isfinite(stored).all() and np.isfinite(values).all():
+            raise DataError(f"features of {fields.get('data', {}).get('split', 'a split')} "
+                            f"exceed the range of {storage} (largest magnitude "
+                            f"{np.abs(values).max():.4g}): set features.storage to fp32")
+        np.save(buffer, stored, allow_pickle=False)
         rows = buffer.getvalue()
         atomic_write(self._path(key, ".npy"), rows)
         manifest = _manifest(features, str(fields.get("data", {}).get("split", "")))
@@ -311,16 +317,18 @@ class FeatureCache:
         return loaded, set(absent)
 
 
-_verified: set[tuple[str, int, int, int]] = set()  # (path, inode, size, mtime) checked here
+# (path, inode, size, modification time, sha256) of files checked in this process
+_verified: set[tuple[str, int, int, int, str]] = set()
 
 
 def _verify(path: Path, sha256: str) -> None:
     """Raise unless `path` (a plain file) has this sha256; a file checked before in this process
-    and unchanged since (inode, size, modification time) is not read again."""
+    and unchanged since (inode, size, modification time), against the same sha256, is not read
+    again."""
     found = os.stat(path, follow_symlinks=False)
     if not stat.S_ISREG(found.st_mode):
         raise OSError(f"{path} is not a plain file")
-    stamp = (str(path), found.st_ino, found.st_size, found.st_mtime_ns)
+    stamp = (str(path), found.st_ino, found.st_size, found.st_mtime_ns, sha256)
     if stamp in _verified:
         return
     if file_sha256(path) != sha256:
@@ -345,7 +353,9 @@ def _read_csv(text: str) -> list[list[str]]:
     with a comma or quote) is split directly, several times faster than the csv module."""
     if '"' in text:
         return list(csv.reader(io.StringIO(text)))
-    return [line.split(",") for line in text.splitlines()]
+    # split("\n"), not splitlines(): the writer ends lines with \n only and leaves characters
+    # such as \x0c or \u2028 unquoted inside a field.
+    return [line.split(",") for line in text.split("\n") if line]
 
 
 def _manifest(features: FeatureSet, split: str) -> bytes:

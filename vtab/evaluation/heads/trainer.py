@@ -120,9 +120,16 @@ def train_heads(heads: Sequence[GradientHead], schedule: Schedule, *, device: st
     dev = torch.device(device)
     if len(heads) > 1 and _one_wide_layer(heads):
         return _train_wide(heads, schedule, dev, progress)
-    norms = [FeatureNorm.fit(head.feature_norm, head.data.x) for head in heads]
-    inputs = [norm(head.data.x).to(dev) for norm, head in zip(norms, heads, strict=True)]
-    targets = [head.data.targets.to(dev) for head in heads]
+    # One normalised copy (and one on the device) per input and normalisation, however many
+    # heads of a batch train on it.
+    prepared: dict[tuple[int, str], tuple[FeatureNorm, torch.Tensor, torch.Tensor]] = {}
+    for head in heads:
+        if (id(head.data), head.feature_norm) not in prepared:
+            norm = FeatureNorm.fit(head.feature_norm, head.data.x)
+            prepared[id(head.data), head.feature_norm] = (
+                norm, norm(head.data.x).to(dev), head.data.targets.to(dev))
+    norms, inputs, targets = (list(column) for column in zip(
+        *(prepared[id(head.data), head.feature_norm] for head in heads), strict=True))
     orders = [torch.Generator().manual_seed(head.spec.seed) for head in heads]
     modules = []
     for head, order, x in zip(heads, orders, inputs, strict=True):

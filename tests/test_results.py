@@ -376,3 +376,13 @@ def test_the_selection_note_says_how_settings_were_chosen(tmp_path: Path) -> Non
     summary["datasets"]["dtd"]["selected_on"] = {"split": "val200", "metric": "top1"}
     path.write_text(yaml.safe_dump(summary))
     assert "selected hyperparameters (chosen by the best mean top1 on val200):" in text()
+
+
+def test_a_std_of_one_seed_is_not_shown(tmp_path: Path) -> None:
+    root = tmp_path / "summarized"
+    path = write_summary(root, "one_seed", {"digits": 0.9})
+    summary = yaml.safe_load(path.read_text())
+    summary["datasets"]["digits"].update(seeds={0: 0.9}, std=0.0)
+    path.write_text(yaml.safe_dump(summary))
+    text = render_text(build_table(load_summaries(root).results))
+    assert "90.0" in text and "±" not in text.split("\n\n")[1]

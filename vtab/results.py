@@ -188,8 +188,12 @@ def _dataset_name(name: Any) -> str:
 
 
 def _score(entry: dict[str, Any], where: str) -> Score:
+    """The mean, and the std over seeds unless there was one seed (a std of one value says
+    nothing; the table shows none rather than ±0.0)."""
+    seeds = entry.get("seeds")
+    one_seed = isinstance(seeds, dict) and len(seeds) == 1
     return Score(mean=_fraction(entry, "result", where, _REQUIRED),
-                 std=_fraction(entry, "std", where, None))
+                 std=None if one_seed else _fraction(entry, "std", where, None))
 
 
 def _fraction(entry: dict[str, Any], key: str, where: str, default: Any) -> float | None:

@@ -14,7 +14,7 @@ import functools
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from vtab.evaluation.backbones import (
     source_of,
     weights_advice,
 )
+from vtab.evaluation.curves import Curves
 from vtab.evaluation.data import Split, num_classes, open_split, sibling_splits, targets
 from vtab.evaluation.extract import check_layers
 from vtab.evaluation.features import (
@@ -269,7 +270,11 @@ def run_linear_probes(configs: list[LinearProbeConfig | Mapping[str, Any]], *, c
     settings = [FitSettings(seed=c.seed, device=device, progress=progress,
                             optim=c.optim if c.head.kind in GRADIENT_HEADS else None)
                 for c in cfgs]
-    fits = fit_heads_together(cfg.head, inputs, settings)
+    eval_targets = targets(splits["eval"], classes)
+    curves = _curves(cfgs, features["eval"], eval_targets, classes, trained_classes) if (
+        cfg.head.kind in GRADIENT_HEADS and any(outputs_dirs or [])) else None
+    fits = fit_heads_together(cfg.head, inputs, settings,
+                              on_epoch=curves.record if curves else None)
     train_done = time.perf_counter()
 
     shared = {
@@ -284,16 +289,34 @@ def run_linear_probes(configs: list[LinearProbeConfig | Mapping[str, Any]], *, c
     }
     if splits["train"].class_names is not None:
         shared["class_names"] = list(splits["train"].class_names)
-    evaluation = _Evaluation(splits["eval"], features["eval"], targets(splits["eval"], classes),
-                             classes, trained_classes)
+    evaluation = _Evaluation(splits["eval"], features["eval"], eval_targets, classes,
+                             trained_classes)
     outputs: list[dict[str, Any] | Exception] = []
-    for one, fit, outputs_dir in zip(cfgs, fits, outputs_dirs or [None] * len(cfgs),
-                                     strict=True):
+    for job, (one, fit, outputs_dir) in enumerate(zip(cfgs, fits,
+                                                      outputs_dirs or [None] * len(cfgs),
+                                                      strict=True)):
         try:
-            outputs.append(evaluation.run(one, fit, shared, outputs_dir))
+            output: dict[str, Any] | Exception = evaluation.run(one, fit, shared, outputs_dir)
+            if curves is not None and outputs_dir is not None:
+                curves.write(job, outputs_dir, one.data.eval_split)
         except Exception as exc:  # this job's own failure: the others keep their results
-            outputs.append(exc)
+            output = exc
+        outputs.append(output)
     return outputs
+
+
+def _curves(cfgs: list[LinearProbeConfig], evaluation: dict[str, FeatureSet],
+            eval_targets: torch.Tensor, classes: int, trained_classes: int) -> Curves:
+    """Per-epoch curves of every job of a pass, scored on its evaluation split."""
+    layers = [layer.label() for layer in cfgs[0].features.layers]
+
+    def metric(cfg: LinearProbeConfig) -> Callable[[torch.Tensor], float]:
+        task = TASKS[cfg.data.task]
+        return lambda scores: task.evaluate(scores.float().cpu(), eval_targets, classes,
+                                            trained_classes).metrics[cfg.metric]
+
+    return Curves([cfg.metric for cfg in cfgs], [metric(cfg) for cfg in cfgs], layers,
+                  [evaluation[label].float() for label in layers])
 
 
 @dataclass(frozen=True)

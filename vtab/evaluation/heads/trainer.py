@@ -55,6 +55,11 @@ class Schedule:
 # (input dim, classes, generator on the CPU for initialisation, generator on the device for
 # dropout) -> the head's module.
 ModuleFactory = Callable[[int, int, torch.Generator, torch.Generator], nn.Module]
+Scorer = Callable[[torch.Tensor], torch.Tensor]  # raw features -> scores, current weights
+# Called after each epoch with: the epoch (from 1), each head's mean training loss over it,
+# each head's learning rate at its last step, and a scorer of each head as it stands. Nothing
+# it does changes the training (no random numbers are drawn, the weights are not touched).
+EpochHook = Callable[[int, list[float], list[float], list[Scorer]], None]
 
 
 @dataclass(frozen=True)
@@ -109,7 +114,7 @@ def _batches(n: int, batch_size: int) -> list[int]:
 
 
 def train_heads(heads: Sequence[GradientHead], schedule: Schedule, *, device: str = "cpu",
-                progress: bool = False) -> list[Fitted]:
+                progress: bool = False, on_epoch: EpochHook | None = None) -> list[Fitted]:
     """Train every head on its own input; all inputs must have the same number of rows."""
     if not heads:
         raise ValueError("train_heads needs at least one head")
@@ -119,7 +124,7 @@ def train_heads(heads: Sequence[GradientHead], schedule: Schedule, *, device: st
     (n,) = sizes
     dev = torch.device(device)
     if len(heads) > 1 and _one_wide_layer(heads):
-        return _train_wide(heads, schedule, dev, progress)
+        return _train_wide(heads, schedule, dev, progress, on_epoch)
     # One normalised copy (and one on the device) per input and normalisation, however many
     # heads of a batch train on it.
     prepared: dict[tuple[int, str], tuple[FeatureNorm, torch.Tensor, torch.Tensor]] = {}
@@ -143,25 +148,44 @@ def train_heads(heads: Sequence[GradientHead], schedule: Schedule, *, device: st
     step = 0
     for module in modules:
         module.train()
-    for _ in tqdm(range(schedule.epochs), desc=f"{len(heads)} head(s)", disable=not progress,
-                  leave=False):
+    for epoch in tqdm(range(1, schedule.epochs + 1), desc=f"{len(heads)} head(s)",
+                      disable=not progress, leave=False):
         epoch_orders = [torch.randperm(n, generator=g).to(dev) for g in orders]
+        epoch_loss = torch.zeros(len(heads), device=dev)
         for start in starts:
             factor = lr_factor(step, warmup, total)
             for optimizer in optimizers:
                 optimizer.zero_grad(set_to_none=True)
                 for group in optimizer.param_groups:
                     group["lr"] = group["base_lr"] * factor
-            loss = sum(head.data.loss(module(x[index]), y[index]).mean()
-                       for head, module, x, y, index in
-                       zip(heads, modules, inputs, targets,
-                           (order[start:start + schedule.batch_size] for order in epoch_orders),
-                           strict=True))
-            loss.backward()
+            terms = [head.data.loss(module(x[index]), y[index]).mean()
+                     for head, module, x, y, index in
+                     zip(heads, modules, inputs, targets,
+                         (order[start:start + schedule.batch_size] for order in epoch_orders),
+                         strict=True)]
+            sum(terms).backward()
             for optimizer in optimizers:
                 optimizer.step()
+            epoch_loss += torch.stack(terms).detach()
             step += 1
+        if on_epoch is not None:
+            on_epoch(epoch, (epoch_loss / len(starts)).tolist(),
+                     [head.spec.lr * factor for head in heads],
+                     [_scorer(module, norm, dev) for module, norm in zip(modules, norms,
+                                                                         strict=True)])
     return [_fitted(module.eval(), norm, dev) for module, norm in zip(modules, norms, strict=True)]
+
+
+def _scorer(module: nn.Module, norm: FeatureNorm, device: torch.device) -> Scorer:
+    """Scores of a module in training, as it stands (in eval mode for the call)."""
+    def score(x: torch.Tensor) -> torch.Tensor:
+        module.eval()
+        try:
+            with torch.no_grad():
+                return module(norm(x.to(device)))
+        finally:
+            module.train()
+    return score
 
 
 def _one_wide_layer(heads: Sequence[GradientHead]) -> bool:
@@ -174,7 +198,7 @@ def _one_wide_layer(heads: Sequence[GradientHead]) -> bool:
 
 
 def _train_wide(heads: Sequence[GradientHead], schedule: Schedule, dev: torch.device,
-                progress: bool) -> list[Fitted]:
+                progress: bool, on_epoch: EpochHook | None) -> list[Fitted]:
     """`train_heads` for heads that `_one_wide_layer` accepts: the same updates as each head's
     own nn.Linear and torch.optim.SGD (momentum, weight decay, learning rate per head), done
     on one [D, heads x C] weight; equal to training each alone up to float rounding."""
@@ -198,17 +222,21 @@ def _train_wide(heads: Sequence[GradientHead], schedule: Schedule, dev: torch.de
     starts = _batches(n, schedule.batch_size)
     total, warmup = schedule.epochs * len(starts), schedule.warmup_epochs * len(starts)
     step = 0
-    for _ in tqdm(range(schedule.epochs), desc=f"{count} head(s), one wide layer",
-                  disable=not progress, leave=False):
+    for epoch in tqdm(range(1, schedule.epochs + 1), desc=f"{count} head(s), one wide layer",
+                      disable=not progress, leave=False):
         epoch_order = torch.randperm(n, generator=order).to(dev)
+        epoch_loss = torch.zeros(count, device=dev)
         for start in starts:
             index = epoch_order[start:start + schedule.batch_size]
             logits = torch.addmm(bias, x[index], weight).view(len(index), count, classes)
             targets = y[index].repeat(count, *([1] * (y.ndim - 1)))
             losses = data.loss(logits.transpose(0, 1).reshape(count * len(index), classes),
                                targets)
-            grads = torch.autograd.grad(losses.view(count, -1).mean(1).sum(), [weight, bias])
-            steps = lrs * -lr_factor(step, warmup, total)
+            per_head = losses.view(count, -1).mean(1)
+            grads = torch.autograd.grad(per_head.sum(), [weight, bias])
+            epoch_loss += per_head.detach()
+            factor = lr_factor(step, warmup, total)
+            steps = lrs * -factor
             with torch.no_grad():  # one pass over the weights per operation (they are large)
                 for slot, (param, grad) in enumerate(zip((weight, bias), grads, strict=True)):
                     p, g = param.view(-1, count, classes), grad.view(-1, count, classes)
@@ -219,6 +247,11 @@ def _train_wide(heads: Sequence[GradientHead], schedule: Schedule, dev: torch.de
                     buffers[slot] = d
                     p.addcmul_(d, steps)
             step += 1
+        if on_epoch is not None:
+            on_epoch(epoch, (epoch_loss / len(starts)).tolist(),
+                     [head.spec.lr * factor for head in heads],
+                     [_block_scorer(weight, bias, block, classes, norm, dev)
+                      for block in range(count)])
     fitted = []
     for block in range(count):
         columns = slice(block * classes, (block + 1) * classes)
@@ -228,6 +261,16 @@ def _train_wide(heads: Sequence[GradientHead], schedule: Schedule, dev: torch.de
             layer.bias.copy_(bias.detach()[columns])
         fitted.append(_fitted(layer.eval(), norm, dev))
     return fitted
+
+
+def _block_scorer(weight: torch.Tensor, bias: torch.Tensor, block: int, classes: int,
+                  norm: FeatureNorm, device: torch.device) -> Scorer:
+    columns = slice(block * classes, (block + 1) * classes)
+
+    def score(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.addmm(bias[columns], norm(x.to(device)), weight[:, columns])
+    return score
 
 
 def _fitted(module: nn.Module, norm: FeatureNorm, device: torch.device) -> Fitted:
@@ -259,19 +302,21 @@ def _fit_one(kind: str, config: Any, inputs: Sequence[HeadInput],
 
 
 def fit_heads_together(config: Any, inputs: Sequence[HeadInput],
-                       settings: Sequence[FitSettings]) -> list[list[dict[str, Fitted]]]:
+                       settings: Sequence[FitSettings],
+                       on_epoch: EpochHook | None = None) -> list[list[dict[str, Fitted]]]:
     """`config.kind` fitted on `inputs` once per settings (seed, optim); for each settings,
     what `fit_heads` returns. A kind trained by gradient descent trains them all in one pass:
-    each head as it would train alone (its own seed, data order, learning rate)."""
+    each head as it would train alone (its own seed, data order, learning rate); `on_epoch`
+    then sees the heads in the order settings x inputs. Other kinds have no epochs."""
+    if config.kind in _BUILDERS:
+        return _gradient_heads(config, inputs, settings, on_epoch)
     if len(settings) == 1:
         return [fit_heads(config, inputs, settings[0])]
-    if config.kind not in _BUILDERS:
-        raise ValueError(f"head kind {config.kind!r} cannot train several settings in one pass")
-    return _gradient_heads(config, inputs, settings)
+    raise ValueError(f"head kind {config.kind!r} cannot train several settings in one pass")
 
 
-def _gradient_heads(config: Any, inputs: Sequence[HeadInput],
-                    settings: Sequence[FitSettings]) -> list[list[dict[str, Fitted]]]:
+def _gradient_heads(config: Any, inputs: Sequence[HeadInput], settings: Sequence[FitSettings],
+                    on_epoch: EpochHook | None = None) -> list[list[dict[str, Fitted]]]:
     """One head per input and settings, all in one pass, each with its settings' optim."""
     schedules = {Schedule(s.optim.epochs, s.optim.batch_size, s.optim.warmup_epochs)
                  for s in settings}
@@ -283,7 +328,7 @@ def _gradient_heads(config: Any, inputs: Sequence[HeadInput],
     heads = [GradientHead(build, data, _spec(s), config.feature_norm, config.kind in _LINEAR)
              for s in settings for data in inputs]
     trained = train_heads(heads, schedules.pop(), device=devices.pop(),
-                          progress=any(s.progress for s in settings))
+                          progress=any(s.progress for s in settings), on_epoch=on_epoch)
     per_input = len(inputs)
     return [[{"": fitted} for fitted in trained[i:i + per_input]]
             for i in range(0, len(trained), per_input)]

@@ -79,3 +79,15 @@ def test_without_tensorboard_the_csv_is_written_and_said(digits_root: Path, tmp_
     assert len(_rows(tmp_path / "job")) == 2
     assert not (tmp_path / "job" / "tensorboard").exists()
     assert "pip install 'vtab[tensorboard]'" in caplog.text
+
+
+def test_a_long_training_scores_its_evaluation_split_at_most_twenty_times() -> None:
+    import torch
+
+    calls: list[int] = []
+    recorded = curves_module.Curves(["top1"], [lambda scores: calls.append(1) or 0.5],
+                                    ["output"], [torch.zeros(3, 2)], epochs=100)
+    for epoch in range(1, 101):
+        recorded.record(epoch, [1.0], [0.1], [lambda x: x])
+    metric = [row["top1"] for row in recorded.rows[0]]
+    assert len(calls) == 20 and metric[-1] == 0.5 and metric[4] == 0.5 and metric[0] == ""

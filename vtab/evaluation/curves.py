@@ -1,5 +1,7 @@
-"""Training curves of the heads trained by gradient descent: per epoch, the training loss, the
-learning rate and the job's metric on its evaluation split; written per job as ``curves.csv``
+"""Training curves of the heads trained by gradient descent: per epoch, the training loss and the
+learning rate, and the job's metric on its evaluation split at most `METRIC_POINTS` times (every
+epoch up to that many epochs, else evenly, and always the last: scoring a large test split each
+epoch would cost more than the training); written per job as ``curves.csv``
 and, with the ``tensorboard`` package installed, as TensorBoard events in ``tensorboard/``
 (one run per job: ``tensorboard --logdir work/summarized/<pipeline>`` shows a whole pipeline).
 """
@@ -22,6 +24,7 @@ FIELDS = ("epoch", "layer", "loss", "lr")
 NO_TENSORBOARD = ("tensorboard is not installed: training curves are written to curves.csv "
                   "only (pip install 'vtab[tensorboard]' for TensorBoard events)")
 _warned: list[bool] = []
+METRIC_POINTS = 20
 
 # (scores [N, C] of the evaluation split) -> the job's metric
 Metric = Callable[[torch.Tensor], float]
@@ -34,16 +37,18 @@ class Curves:
     function, and the evaluation features of each layer."""
 
     def __init__(self, metric_names: Sequence[str], metrics: Sequence[Metric],
-                 layers: Sequence[str], evaluation: Sequence[torch.Tensor]) -> None:
+                 layers: Sequence[str], evaluation: Sequence[torch.Tensor], epochs: int) -> None:
         self.metric_names, self.metrics = list(metric_names), list(metrics)
         self.layers, self.evaluation = list(layers), list(evaluation)
+        self.epochs, self.every = epochs, max(1, -(-epochs // METRIC_POINTS))
         self.rows: list[list[dict[str, Any]]] = [[] for _ in metric_names]
 
     def record(self, epoch: int, losses: list[float], lrs: list[float],
                scorers: Sequence[Callable[[torch.Tensor], torch.Tensor]]) -> None:
+        scored = epoch % self.every == 0 or epoch == self.epochs
         for head, (loss, lr, score) in enumerate(zip(losses, lrs, scorers, strict=True)):
             job, layer = divmod(head, len(self.layers))
-            value = self.metrics[job](score(self.evaluation[layer]))
+            value = self.metrics[job](score(self.evaluation[layer])) if scored else ""
             self.rows[job].append({"epoch": epoch, "layer": self.layers[layer], "loss": loss,
                                    "lr": lr, self.metric_names[job]: value})
 
@@ -65,7 +70,8 @@ class Curves:
                 prefix = f"{row['layer']}/" if several else ""
                 events.add_scalar(f"{prefix}loss/train", row["loss"], row["epoch"])
                 events.add_scalar(f"{prefix}lr", row["lr"], row["epoch"])
-                events.add_scalar(f"{prefix}{metric}/{split}", row[metric], row["epoch"])
+                if row[metric] != "":
+                    events.add_scalar(f"{prefix}{metric}/{split}", row[metric], row["epoch"])
 
 
 def _summary_writer(folder: Path) -> Any:

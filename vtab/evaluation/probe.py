@@ -316,7 +316,7 @@ def _curves(cfgs: list[LinearProbeConfig], evaluation: dict[str, FeatureSet],
                                             trained_classes).metrics[cfg.metric]
 
     return Curves([cfg.metric for cfg in cfgs], [metric(cfg) for cfg in cfgs], layers,
-                  [evaluation[label].float() for label in layers])
+                  [evaluation[label].float() for label in layers], cfgs[0].optim.epochs)
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "missing datasets and the selected hyperparameters")
     parser.add_argument("--no_std", action="store_true",
                         help="show only the mean over seeds in each cell, not mean±std "
-                             "(terminal and Markdown; CSV and JSON always carry the std)")
+                             "(terminal and Markdown; CSV and JSON carry the std, but for a "
+                             "dataset with one seed)")
     parser.add_argument("--plot", type=Path, metavar="FILE.png",
                         help="also draw the per-dataset comparison of the pipelines (and the "
                              "group means) as a PNG (needs matplotlib: vtab[plots])")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import signal
+import subprocess
 import types
 from collections import Counter
 from pathlib import Path
@@ -77,12 +78,18 @@ def test_a_job_that_fails_in_a_batch_fails_alone(area: WorkArea, tmp_path: Path)
         assert job["attempts"] == 3 and len(job["errors"]) == 2  # retried alone, then crashed
 
 
-def test_a_stop_signal_gives_every_job_of_a_batch_back(area: WorkArea, tmp_path: Path) -> None:
-    log = tmp_path / "runs.log"
-    queue(area, batch_pipeline(log, seconds=60))
+def batch_running(area: WorkArea, log: Path, seconds: float) -> subprocess.Popen[str]:
+    """A runner process holding all six jobs of a batch, their leases written."""
+    queue(area, batch_pipeline(log, seconds=seconds))
     runner = start_runner(area, "--devices", "cpu")
     wait_for(lambda: len(area.listing(RUNNING)) == 6)
     wait_for(lambda: all("lease" in yamlio.load_mapping(p) for p in area.listing(RUNNING)))
+    return runner
+
+
+def test_a_stop_signal_gives_every_job_of_a_batch_back(area: WorkArea, tmp_path: Path) -> None:
+    log = tmp_path / "runs.log"
+    runner = batch_running(area, log, seconds=60)
     runner.send_signal(signal.SIGTERM)
     output, _ = runner.communicate(timeout=30)
     assert runner.returncode == 128 + signal.SIGTERM, output
@@ -94,10 +101,7 @@ def test_a_stop_signal_gives_every_job_of_a_batch_back(area: WorkArea, tmp_path:
 
 def test_a_claim_lost_in_a_batch_is_dropped_alone(area: WorkArea, tmp_path: Path) -> None:
     log = tmp_path / "runs.log"
-    queue(area, batch_pipeline(log, seconds=3))
-    runner = start_runner(area, "--devices", "cpu")
-    wait_for(lambda: len(area.listing(RUNNING)) == 6)
-    wait_for(lambda: all("lease" in yamlio.load_mapping(p) for p in area.listing(RUNNING)))
+    runner = batch_running(area, log, seconds=3)
     deleted = area.listing(RUNNING)[0]
     deleted.unlink()  # by hand, while the batch runs
     output, _ = runner.communicate(timeout=60)

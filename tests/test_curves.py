@@ -91,3 +91,18 @@ def test_a_long_training_scores_its_evaluation_split_at_most_twenty_times() -> N
         recorded.record(epoch, [1.0], [0.1], [lambda x: x])
     metric = [row["top1"] for row in recorded.rows[0]]
     assert len(calls) == 20 and metric[-1] == 0.5 and metric[4] == 0.5 and metric[0] == ""
+
+
+def test_curves_that_cannot_be_written_leave_the_result(digits_root: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    def disk_full(*args: Any, **kwargs: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(curves_module.Curves, "write", disk_full)
+    config = probe_config(digits_root, **{"optim.epochs": 2})
+    with caplog.at_level(logging.WARNING):
+        job = probe.run_linear_probe(config, cache_dir=tmp_path / "cache", progress=False,
+                                     outputs_dir=tmp_path / "job")
+    assert 0 < job["result"] <= 1
+    assert "training curves of" in caplog.text and "No space left" in caplog.text

@@ -51,14 +51,15 @@ def test_a_projection_of_a_finished_job(digits_root: Path, tmp_path: Path,
     shutil.copy(REPO / "pipelines" / "debug" / "debug.yaml", area.root)
     assert drain(area) == 0
     job = "debug__digits__final__seed=0"
-    assert main([job, "--work_area", str(area.root), "--projection", str(tmp_path / "p")]) == 0
-    out = capsys.readouterr().out
-    assert "test_predictions.csv" in out and f"wrote {tmp_path / 'p.png'}" in out
-    with (tmp_path / "p.csv").open() as handle:
+    out_name = str(tmp_path / "p.lr0.1")
+    assert main([job, "--work_area", str(area.root), "--projection", out_name]) == 0
+    out = capsys.readouterr().out  # a dotted name keeps its dots
+    assert "test_predictions.csv" in out and f"wrote {tmp_path / 'p.lr0.1.png'}" in out
+    with (tmp_path / "p.lr0.1.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 797 and list(rows[0]) == ["id", "x", "y", "target", "prediction",
                                                   "correct"]
-    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "p.lr0.1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # The projection against a hand-made PCA (numpy's SVD of the centred training features),
     # up to the sign of each component.
     from vtab import yamlio

@@ -98,14 +98,15 @@ def projection(area: Path, job_id: str, out: Path, cache_dir: Path, method: str,
              row.get("targets")), "prediction": row.get("prediction", row.get("predicted")),
              "correct": row["correct"]} for row, (x, y) in zip(table, points, strict=True)]
     out.parent.mkdir(parents=True, exist_ok=True)
-    _write_csv(out.with_suffix(".csv"), rows)
+    png, table_csv = out.parent / f"{out.name}.png", out.parent / f"{out.name}.csv"
+    _write_csv(table_csv, rows)
     targets = [int(str(row["target"]).split(",")[0] or 0) for row in rows]
     title = (f"{job_id}: {job['run_config']['data']['eval_split']} "
              f"({len(rows)} images), {method.upper()} fitted on "
              f"{job['run_config']['data']['train_split']}")
     scatter_png(points, targets, [row["correct"] == "1" for row in rows],
-                out.with_suffix(".png"), title)
-    return [out.with_suffix(".png"), out.with_suffix(".csv")]
+                png, title)
+    return [png, table_csv]
 
 
 def _table_of(area: Path, job_id: str, job: dict, label: str) -> Path:

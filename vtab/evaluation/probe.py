@@ -297,10 +297,14 @@ def run_linear_probes(configs: list[LinearProbeConfig | Mapping[str, Any]], *, c
                                                       strict=True)):
         try:
             output: dict[str, Any] | Exception = evaluation.run(one, fit, shared, outputs_dir)
-            if curves is not None and outputs_dir is not None:
-                curves.write(job, outputs_dir, one.data.eval_split)
         except Exception as exc:  # this job's own failure: the others keep their results
             output = exc
+        if curves is not None and outputs_dir is not None and not isinstance(output, Exception):
+            try:
+                curves.write(job, outputs_dir, one.data.eval_split)
+            except Exception as exc:  # the curves are a by-product: the result stands
+                log.warning("training curves of %s not written: %s: %s", outputs_dir,
+                            type(exc).__name__, exc)
         outputs.append(output)
     return outputs
 

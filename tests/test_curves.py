@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from tests.test_evaluation import probe_config
+from vtab import events
 from vtab.evaluation import curves as curves_module
 from vtab.evaluation import probe
 
@@ -71,7 +72,7 @@ def test_without_tensorboard_the_csv_is_written_and_said(digits_root: Path, tmp_
         return real(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", without_tensorboard)
-    monkeypatch.setattr(curves_module, "_warned", [])
+    monkeypatch.setattr(events, "_said", set())
     config = probe_config(digits_root, **{"optim.epochs": 2})
     with caplog.at_level(logging.WARNING):
         probe.run_linear_probe(config, cache_dir=tmp_path / "cache", progress=False,

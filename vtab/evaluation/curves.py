@@ -10,20 +10,18 @@ from __future__ import annotations
 
 import csv
 import io
-import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from vtab.events import write_scalars
 from vtab.fsutil import atomic_write
 
-log = logging.getLogger(__name__)
 FIELDS = ("epoch", "layer", "loss", "lr")
 NO_TENSORBOARD = ("tensorboard is not installed: training curves are written to curves.csv "
                   "only (pip install 'vtab[tensorboard]' for TensorBoard events)")
-_warned: list[bool] = []
 METRIC_POINTS = 20
 
 # (scores [N, C] of the evaluation split) -> the job's metric
@@ -61,26 +59,14 @@ class Curves:
         writer.writeheader()
         writer.writerows(rows)
         atomic_write(folder / "curves.csv", text.getvalue())
-        events = _summary_writer(folder / "tensorboard")
-        if events is None:
-            return
+        write_scalars(folder / "tensorboard", self._scalars(rows, metric, split), NO_TENSORBOARD)
+
+    def _scalars(self, rows: list[dict[str, Any]], metric: str,
+                 split: str) -> Iterator[tuple[str, float, int]]:
         several = len(self.layers) > 1
-        with events:
-            for row in rows:
-                prefix = f"{row['layer']}/" if several else ""
-                events.add_scalar(f"{prefix}loss/train", row["loss"], row["epoch"])
-                events.add_scalar(f"{prefix}lr", row["lr"], row["epoch"])
-                if row[metric] != "":
-                    events.add_scalar(f"{prefix}{metric}/{split}", row[metric], row["epoch"])
-
-
-def _summary_writer(folder: Path) -> Any:
-    """A TensorBoard writer, or None (said once per process) without the package."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        if not _warned:
-            log.warning(NO_TENSORBOARD)
-            _warned.append(True)
-        return None
-    return SummaryWriter(log_dir=str(folder))
+        for row in rows:
+            prefix = f"{row['layer']}/" if several else ""
+            yield f"{prefix}loss/train", row["loss"], row["epoch"]
+            yield f"{prefix}lr", row["lr"], row["epoch"]
+            if row[metric] != "":
+                yield f"{prefix}{metric}/{split}", row[metric], row["epoch"]

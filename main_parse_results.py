@@ -42,6 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--plot", type=Path, metavar="FILE.png",
                         help="also draw the per-dataset comparison of the pipelines (and the "
                              "group means) as a PNG (needs matplotlib: vtab[plots])")
+    parser.add_argument("--plot_steps", type=Path, metavar="FILE.png",
+                        help="draw the checkpoint sweeps of the pipelines read (their metric "
+                             "against the training step) as a PNG (needs matplotlib)")
+    parser.add_argument("--tensorboard", type=Path, metavar="DIR",
+                        help="write the checkpoint sweeps as TensorBoard events, one run "
+                             "vtab_<pipeline> each, into DIR: point it at the pretraining run's "
+                             "log folder to see them beside its curves (needs vtab[tensorboard])")
     parser.add_argument("--transpose", action="store_true",
                         help="print datasets as rows and pipelines as columns (terminal and "
                              "Markdown); easier to read for one to three pipelines")
@@ -52,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return parse_results(args.root, args.pattern, show_std=not args.no_std,
                          transpose=args.transpose, csv_path=args.csv, json_path=args.json,
-                         markdown_path=args.markdown, plot_path=args.plot)
+                         markdown_path=args.markdown, plot_path=args.plot,
+                         steps_path=args.plot_steps, tensorboard_dir=args.tensorboard)
 
 
 if __name__ == "__main__":

@@ -45,10 +45,10 @@ def test_grid_limits() -> None:
 
 
 def test_point_labels_are_readable() -> None:
-    assert point_label("datasets", {"dataset": "cifar"}, ["dataset"]) == "cifar"
-    assert point_label("tune", {"optim.lr": 0.01, "seed": 3}, ["optim.lr", "seed"]) == \
-        "tune__lr=0.01_seed=3"
-    assert point_label("t", {"x": "a/b"}, ["x"]) == "a-b"  # never a path separator
+    assert point_label("datasets", [("dataset", "cifar")]) == "cifar"
+    assert point_label("tune", [("lr", 0.01), ("seed", 3)]) == "tune__lr=0.01_seed=3"
+    assert point_label("t", [("x", "a/b")]) == "a-b"  # never a path separator
+    assert point_label("sweep", [("step", 2000)]) == "sweep__step=2000"
 
 
 @pytest.mark.parametrize(("value", "text"), [
@@ -56,7 +56,7 @@ def test_point_labels_are_readable() -> None:
     (0.1234567, "0.1234567"), (1.0000001e-05, "1.0000001e-05"), (2, "2"), (True, "true"),
 ])
 def test_floats_are_written_exactly_and_shortest(value: Any, text: str) -> None:
-    assert point_label("tune", {"optim.lr": value}, ["optim.lr"]) == f"tune__lr={text}"
+    assert point_label("tune", [("lr", value)]) == f"tune__lr={text}"
 
 
 @pytest.mark.parametrize("grid", [

@@ -386,3 +386,28 @@ def test_a_std_of_one_seed_is_not_shown(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump(summary))
     text = render_text(build_table(load_summaries(root).results))
     assert "90.0" in text and "±" not in text.split("\n\n")[1]
+
+
+def test_a_summary_of_a_grid_keeps_a_row_per_point_with_readable_labels(tmp_path: Path) -> None:
+    from tests.conftest import drain, queue
+    from vtab.workarea import SUMMARIZED, WorkArea
+
+    area = WorkArea(tmp_path / "work")
+    queue(area, {"name": "grid", "current_stage": "points", "config": {"metric": "top1"},
+                 "stages": {"points": {"grid": {"dataset": ["a", "b"],
+                                                "sleep.result": [0.25, 0.75]},
+                                       "child_stage": "run", "next_stage": "summarize"},
+                            "run": {"hyperparams": {"kind": "sleep"}},
+                            "summarize": {"processor": "summarize"}}})
+    assert drain(area) == 0
+    summary = yamlio.load_mapping(area.folder(SUMMARIZED) / "grid" / "summary.yaml")
+    assert [row["labels"] for row in summary["rows"]] == [{"sleep.result": 0.25},
+                                                          {"sleep.result": 0.75}]
+    assert {name: entry["result"] for name, entry in summary["rows"][1]["datasets"].items()} \
+        == {"a": 0.75, "b": 0.75}
+    table = build_table(load_summaries(area.folder(SUMMARIZED)).results)
+    rows = {row.result.pipeline: {k: s.mean for k, s in row.result.scores.items()}
+            for row in table.rows}
+    assert rows == {"grid [sleep.result=0.25]": {"a": 0.25, "b": 0.25},
+                    "grid [sleep.result=0.75]": {"a": 0.75, "b": 0.75}}
+    assert "25.0±" not in render_text(table)  # no std where no seeds were averaged

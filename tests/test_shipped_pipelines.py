@@ -27,7 +27,8 @@ def stand_in_root(root: Path, pipeline: Path) -> Path:
 
 
 def test_every_folder_of_pipelines_is_covered() -> None:
-    assert {p.parent.name for p in SHIPPED} == {"debug", "heads", "vissl", "dinov2", "vtab1k"}
+    assert {p.parent.name for p in SHIPPED} == {"debug", "heads", "vissl", "dinov2", "vtab1k",
+                                                "workflows"}
 
 
 @pytest.mark.parametrize("pipeline", SHIPPED, ids=[str(p.relative_to(REPO)) for p in SHIPPED])
@@ -37,6 +38,11 @@ def test_a_shipped_pipeline_plans_without_problems(
     root = stand_in_root(tmp_path / "data", pipeline)
     for variable in ("VTAB1K_ROOT", "VOC07_ROOT"):
         monkeypatch.setenv(variable, str(root))
+    checkpoints = tmp_path / "run"  # stand-ins too: a plan checks that they exist
+    checkpoints.mkdir()
+    for step in (0, 1000):
+        (checkpoints / f"checkpoint_{step}.pth").write_bytes(b"weights")
+    monkeypatch.setenv("VTAB_CHECKPOINTS", str(checkpoints))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # weights: advice, not errors
     code = status.main(["--plan", str(pipeline)])
     out, err = capsys.readouterr()

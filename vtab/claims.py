@@ -272,6 +272,8 @@ class ClaimHandle:
         target = self._write_and_move(self.area.folder(CRASHED), job_id)
         if target is not None:
             self.runner.note_crash(target, doc.get("pipeline"), doc["error"])
+            if is_valid_id(doc.get("parent")):  # a parent may go on without its crashed child
+                self.runner.try_release(doc["parent"])
 
     def crash_unreadable(self, exc: BaseException) -> None:
         """Keep the file byte for byte; its error goes beside it in ``<id>.error.txt``."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
 import yaml
@@ -57,12 +57,14 @@ def delete_path(tree: dict[str, Any], key: str) -> None:
         node.pop(last, None)
 
 
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
-    """Yield (dotted key, leaf value) pairs; mappings are descended, lists are leaves."""
+def flatten(tree: Mapping[str, Any], prefix: str = "",
+            is_leaf: Callable[[Any], bool] | None = None) -> Iterator[tuple[str, Any]]:
+    """Yield (dotted key, leaf value) pairs; mappings are descended (but those `is_leaf` calls
+    leaves), lists are leaves."""
     for key, value in tree.items():
         path = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            yield from flatten(value, path + ".")
+        if isinstance(value, Mapping) and value and not (is_leaf and is_leaf(value)):
+            yield from flatten(value, path + ".", is_leaf)
         else:
             yield path, value
 
@@ -80,9 +82,10 @@ def merged(base: Mapping[str, Any], overrides: Mapping[str, Any],
     return out
 
 
-def flat_entries(tree: Mapping[str, Any], where: str = "") -> list[tuple[str, Any]]:
+def flat_entries(tree: Mapping[str, Any], where: str = "",
+                 is_leaf: Callable[[Any], bool] | None = None) -> list[tuple[str, Any]]:
     """`flatten`'s pairs; a dotted key given twice is an error naming it under `where`."""
-    entries = list(flatten(tree))
+    entries = list(flatten(tree, is_leaf=is_leaf))
     seen: set[str] = set()
     for key, _ in entries:
         if key in seen:

@@ -26,17 +26,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vtab.config import delete_path, flat_entries, flatten, merged, resolve_env
+from vtab.checkpoints import LABEL as CHECKPOINT_LABEL
+from vtab.checkpoints import CheckpointAxis, is_checkpoint_axis
+from vtab.config import delete_path, flat_entries, merged, resolve_env, set_path
 from vtab.errors import Advice, ConfigError, VtabError, did_you_mean
 from vtab.provenance import environment, now_iso
 from vtab.registry import Registry
 from vtab.schema import Section
 from vtab.schema import validate as validate_schema
-from vtab.workarea import FINISHED, WorkArea, checked_id, describe_owner, is_valid_id
+from vtab.workarea import (
+    CRASHED,
+    FINISHED,
+    SUFFIX,
+    WorkArea,
+    checked_id,
+    describe_owner,
+    is_valid_id,
+)
 
 STAGE_KINDS = ("grid", "processor", "hyperparams")
 STAGE_KEYS = {
-    "grid": {"grid", "child_stage", "next_stage"},
+    "grid": {"grid", "child_stage", "next_stage", "skip_crashed"},
     "processor": {"processor", "next_stage"},
     "hyperparams": {"hyperparams", "next_stage"},
 }
@@ -290,6 +300,9 @@ def _validate_stage_body(name: str, kind: str, spec: Mapping[str, Any]) -> None:
     if kind == "grid":
         if not isinstance(body, Mapping) or not body:
             raise ConfigError(f"stages.{name}.grid", "must be a non-empty mapping of axes")
+        if not isinstance(spec.get("skip_crashed", False), bool):
+            raise ConfigError(f"stages.{name}.skip_crashed", "must be true or false")
+        grid_entries(body, f"stages.{name}.grid")  # checkpoint axes are well formed
     elif kind == "hyperparams":
         if not isinstance(body, Mapping):
             raise ConfigError(f"stages.{name}.hyperparams", "must be a mapping")
@@ -410,42 +423,82 @@ def prepare_root(doc: dict[str, Any], file_stem: str) -> dict[str, Any]:
     return root
 
 
-def expand_grid(grid: Mapping[str, Any], key: str, limit: int) -> list[dict[str, Any]]:
-    """Cartesian product over the list-valued entries of `grid` (dotted paths for nesting).
+@dataclass(frozen=True)
+class Axis:
+    """A swept key of a grid: a list of values, or the files of a checkpoint axis."""
 
-    Scalar entries are set in every point; they are not axes.
-    """
-    entries = flat_entries(grid, key)
-    axes = [(k, v) for k, v in entries if isinstance(v, list)]
-    for axis, values in axes:
-        if not values:
-            raise ConfigError(f"{key}.{axis}", "is an empty list: the grid would have no points")
+    key: str  # dotted config key
+    values: list[Any]
+    checkpoints: CheckpointAxis | None = None
+
+    def label(self, value: Any, where: str) -> tuple[str, Any]:
+        """(name, value) of a readable coordinate: ``step``, or the dotted key, and its value."""
+        if self.checkpoints is not None:
+            return CHECKPOINT_LABEL, self.checkpoints.step_of(value, where)
+        return self.key, value
+
+    def short(self, value: Any, where: str) -> tuple[str, Any]:
+        """The coordinate as job ids write it: ``step``, or the key's last part."""
+        name, shown = self.label(value, where)
+        return name.rsplit(".", 1)[-1], shown
+
+
+def grid_entries(grid: Mapping[str, Any], key: str) -> list[tuple[str, Any]]:
+    """A grid's (dotted key, value) pairs: a list or a checkpoint axis (a `CheckpointAxis`) is
+    swept; any other value is set in every point."""
+    return [(k, CheckpointAxis.parse(v, f"{key}.{k}") if is_checkpoint_axis(v) else v)
+            for k, v in flat_entries(grid, key, is_leaf=is_checkpoint_axis)]
+
+
+def _is_axis(value: Any) -> bool:
+    return isinstance(value, list | CheckpointAxis)
+
+
+def grid_points(grid: Mapping[str, Any], key: str, limit: int) -> tuple[
+        list[Axis], list[dict[str, Any]]]:
+    """The axes of `grid` (checkpoint files looked up now) and the cartesian product of their
+    values, each point with the fixed entries set."""
+    entries = grid_entries(grid, key)
+    axes = []
+    for name, value in entries:
+        if isinstance(value, CheckpointAxis):
+            axes.append(Axis(name, [path for _, path in value.find(f"{key}.{name}")], value))
+        elif isinstance(value, list):
+            if not value:
+                raise ConfigError(f"{key}.{name}", "is an empty list: the grid would have no "
+                                                   "points")
+            axes.append(Axis(name, value))
     size = 1
-    for _, values in axes:
-        size *= len(values)
+    for axis in axes:
+        size *= len(axis.values)
     if size > limit:
         raise ConfigError(key, f"expands to {size} jobs, more than the limit of {limit} "
                                "(raise it with --max_grid_points if this is meant)")
-    fixed = {k: v for k, v in entries if not isinstance(v, list)}
-    names = [k for k, _ in axes]
-    return [{**fixed, **dict(zip(names, combo, strict=True))}
-            for combo in itertools.product(*(v for _, v in axes))]
+    fixed = {k: v for k, v in entries if not _is_axis(v)}
+    return axes, [{**fixed, **{a.key: v for a, v in zip(axes, combo, strict=True)}}
+                  for combo in itertools.product(*(a.values for a in axes))]
 
 
-def point_label(stage: str, point: Mapping[str, Any], axes: list[str]) -> str:
-    """A readable, deterministic file-name fragment for one grid point.
+def expand_grid(grid: Mapping[str, Any], key: str, limit: int) -> list[dict[str, Any]]:
+    """Cartesian product over the swept entries of `grid` (dotted paths for nesting): lists,
+    and checkpoint axes (vtab/checkpoints.py). Scalar entries are set in every point."""
+    return grid_points(grid, key, limit)[1]
+
+
+def point_label(stage: str, coordinates: list[tuple[str, Any]]) -> str:
+    """A readable, deterministic file-name fragment for one grid point, from its (short name,
+    value) coordinates.
 
     A point of strings only (a dataset name) is its values; a grid without axes (fixed values
-    only, one point) is the stage's name; anything else is ``<stage>__<leaf>=<value>_...``
-    over the swept axes.
+    only, one point) is the stage's name; anything else is ``<stage>__<name>=<value>_...``.
     """
-    values = [point[a] for a in axes]
+    values = [value for _, value in coordinates]
     if not values:
         text = stage
     elif all(isinstance(v, str) for v in values):
         text = "_".join(values)
     else:
-        text = stage + "__" + "_".join(f"{a.rsplit('.', 1)[-1]}={_fmt(point[a])}" for a in axes)
+        text = stage + "__" + "_".join(f"{name}={_fmt(value)}" for name, value in coordinates)
     return re.sub(r"[^A-Za-z0-9._=+,-]", "-", text)
 
 
@@ -456,17 +509,21 @@ def _fmt(value: Any) -> str:
 
 
 def children_of(doc: Mapping[str, Any], stage: str, limit: int) -> list[dict[str, Any]]:
-    """The child job documents a grid stage forks."""
+    """The child job documents a grid stage forks; each carries its readable coordinates
+    (``labels``: its parent's, and its own point's)."""
     spec = doc["stages"][stage]
-    points = expand_grid(spec["grid"], f"stages.{stage}.grid", limit)
-    axes = [k for k, v in flatten(spec["grid"]) if isinstance(v, list)]
+    where = f"stages.{stage}.grid"
+    axes, points = grid_points(spec["grid"], where, limit)
     children = []
     seen: dict[str, Mapping[str, Any]] = {}
     for point in points:
-        child_id = _child_id(doc, stage, point, axes, seen)
+        short = [axis.short(point[axis.key], where) for axis in axes]
+        child_id = _child_id(doc, stage, point, [axis.key for axis in axes], short, seen)
+        labels = {**doc.get("labels", {}),
+                  **dict(axis.label(point[axis.key], where) for axis in axes)}
         children.append({
             "pipeline": doc["pipeline"], "id": child_id, "parent": doc["id"],
-            "current_stage": spec["child_stage"], "point": point,
+            "current_stage": spec["child_stage"], "point": point, "labels": labels,
             "config": merged(doc.get("config", {}), point), "stages": doc["stages"],
             "env": doc.get("env", {}),
             # Only in a plan's branches (a setting select_best may pick): kept for its messages.
@@ -476,9 +533,14 @@ def children_of(doc: Mapping[str, Any], stage: str, limit: int) -> list[dict[str
 
 
 def _child_id(doc: Mapping[str, Any], stage: str, point: Mapping[str, Any], axes: list[str],
-              seen: dict[str, Mapping[str, Any]]) -> str:
-    """The id of a point's child; a point whose id an earlier point in `seen` took is an error."""
-    child_id = f"{doc['id']}__{point_label(stage, point, axes)}"
+              short: list[tuple[str, Any]], seen: dict[str, Mapping[str, Any]]) -> str:
+    """The id of a point's child; a point whose id an earlier point in `seen` took is an error.
+
+    A checkpoint the job selected is part of its children's ids: a pipeline queued again may
+    select another one, whose jobs must not be mistaken for the first one's."""
+    selected = "".join(f"__{name}={_fmt(value)}"
+                       for name, value in (doc.get("selected_labels") or {}).items())
+    child_id = f"{doc['id']}{selected}__{point_label(stage, short)}"
     if not is_valid_id(child_id):
         raise ConfigError(f"stages.{stage}.grid", f"the job id {child_id!r} is not valid "
                                                   "(too long or odd characters)")
@@ -489,6 +551,29 @@ def _child_id(doc: Mapping[str, Any], stage: str, point: Mapping[str, Any], axes
                           "(ids keep only letters, digits and ._=+,-): make the values distinct")
     seen[child_id] = point
     return child_id
+
+
+def checkpoint_axes(doc: Mapping[str, Any], grid_stage: str) -> dict[str, CheckpointAxis]:
+    """The checkpoint axes of a grid stage, by dotted key (none where the job has no such
+    grid stage)."""
+    grid = (doc.get("stages") or {}).get(grid_stage, {}).get("grid")
+    if not isinstance(grid, Mapping):
+        return {}
+    return {k: v for k, v in grid_entries(grid, f"stages.{grid_stage}.grid")
+            if isinstance(v, CheckpointAxis)}
+
+
+def apply_selection(doc: dict[str, Any], grid_stage: str, setting: Mapping[str, Any]) -> None:
+    """Write a selected `setting` of `grid_stage`'s points into the job's config; a selected
+    checkpoint becomes one of the job's coordinates (``labels``, and its later children's ids)."""
+    where = f"stages.{grid_stage}.grid"
+    checkpoints = checkpoint_axes(doc, grid_stage)
+    for key, value in setting.items():
+        set_path(doc["config"], key, value)
+        if key in checkpoints:
+            step = checkpoints[key].step_of(value, f"{where}.{key}")
+            doc["labels"] = {**doc.get("labels", {}), CHECKPOINT_LABEL: step}
+            doc["selected_labels"] = {**doc.get("selected_labels", {}), CHECKPOINT_LABEL: step}
 
 
 # -- execution -------------------------------------------------------------------------------
@@ -515,6 +600,7 @@ def after(doc: Mapping[str, Any], stage: str) -> Outcome:
 
 
 def _fork(doc: dict[str, Any], stage: str, ctx: StageContext) -> Outcome:
+    spec = doc["stages"][stage]
     children = children_of(doc, stage, ctx.max_grid_points)
     _check_not_forked_before(doc, stage, [c["id"] for c in children])
     report = PlanReport()
@@ -534,7 +620,8 @@ def _fork(doc: dict[str, Any], stage: str, ctx: StageContext) -> Outcome:
     _note_forked(ctx.area, doc)
     ids = [c["id"] for c in children]
     doc.setdefault("forks", {})[stage] = ids
-    doc["waiting_for"] = {"stage": stage, "children": ids}
+    doc["waiting_for"] = {"stage": stage, "children": ids,
+                          **({"skip_crashed": True} if spec.get("skip_crashed") else {})}
     return Wait()
 
 
@@ -708,8 +795,9 @@ def _branches(doc: dict[str, Any], stage: str, kind: str, forked: list[str],
 
 
 def grid_axes(doc: Mapping[str, Any], stage: str) -> list[str]:
-    """The swept (list-valued) keys of a grid stage, dotted."""
-    return [key for key, value in flatten(doc["stages"][stage]["grid"]) if isinstance(value, list)]
+    """The swept keys of a grid stage (lists, checkpoint axes), dotted."""
+    return [key for key, value in grid_entries(doc["stages"][stage]["grid"],
+                                               f"stages.{stage}.grid") if _is_axis(value)]
 
 
 def count_jobs(doc: dict[str, Any], limit: int) -> int:
@@ -824,13 +912,25 @@ def check_plan(root: dict[str, Any], limit: int, *, deep: bool) -> PlanReport:
     return report
 
 
-def missing_children(doc: Mapping[str, Any], area: WorkArea) -> list[str]:
-    """Children the job waits for that are not finished yet."""
+def _unfinished(doc: Mapping[str, Any], area: WorkArea) -> list[str]:
     waiting = doc.get("waiting_for") or {}
     return [c for c in waiting.get("children", []) if area.done_path(c, doc["pipeline"]) is None]
 
 
-def join(doc: dict[str, Any]) -> Outcome:
-    """All children are finished: the job goes on after the stage that forked them."""
+def missing_children(doc: Mapping[str, Any], area: WorkArea) -> list[str]:
+    """Children the job waits for that are not finished yet (nor crashed, where its grid
+    stage skips crashed children)."""
+    unfinished = _unfinished(doc, area)
+    if not (doc.get("waiting_for") or {}).get("skip_crashed"):
+        return unfinished
+    return [c for c in unfinished if not (area.folder(CRASHED) / (c + SUFFIX)).exists()]
+
+
+def join(doc: dict[str, Any], area: WorkArea) -> Outcome:
+    """All children are finished: the job goes on after the stage that forked them. Children
+    that crashed where the stage skips them are recorded under ``left_out``."""
+    crashed = _unfinished(doc, area)
     stage = doc.pop("waiting_for")["stage"]
+    if crashed:
+        doc.setdefault("left_out", {})[stage] = crashed
     return after(doc, stage)

@@ -1,4 +1,5 @@
-"""Pictures of results tables: the per-dataset comparison of pipelines (matplotlib, an extra)."""
+"""Pictures of results: the per-dataset comparison of pipelines, and checkpoint sweeps' metric
+against the training step (matplotlib, an extra)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import numpy as np
 
 from vtab.errors import VtabError
 from vtab.fsutil import atomic_write
-from vtab.results import Table, percent
+from vtab.results import Sweep, Table, percent
 
 NEEDS_MATPLOTLIB = ("plots need matplotlib, which is not installed: pip install 'vtab[plots]' "
                     "(or pip install matplotlib)")
@@ -66,11 +67,32 @@ def plot_table(table: Table, path: Path) -> None:
     axes.set_ylim(0, 100)
     axes.legend(fontsize="small")
     axes.grid(axis="y", alpha=0.3)
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=120)
-    plt.close(figure)
-    atomic_write(path, buffer.getvalue())
+    _save(figure, plt, path, dpi=120)
+
+
+def plot_sweeps(sweeps: list[Sweep], path: Path) -> None:
+    """Each checkpoint sweep's metric (mean over seeds and the tasks it averages, band: std)
+    against the training step, its best step starred; written as a PNG."""
+    plt = pyplot()
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for sweep in sweeps:
+        steps = [point.step for point in sweep.points]
+        means = np.array([percent(point.mean) for point in sweep.points])
+        stds = np.array([percent(point.std) or 0.0 for point in sweep.points])
+        line, = axes.plot(steps, means, marker="o", markersize=4, label=sweep.pipeline)
+        axes.fill_between(steps, means - stds, means + stds, color=line.get_color(), alpha=0.15)
+        best = int(np.argmax(means))
+        axes.plot([steps[best]], [means[best]], marker="*", markersize=14,
+                  color=line.get_color(), linestyle="none")
+    shown = {f"{s.metric or 'result'} on {s.split or 'an unrecorded split'}" for s in sweeps}
+    axes.set_title(f"{'; '.join(sorted(shown))} per checkpoint (star: the best)",
+                   fontsize="medium")
+    axes.set_xlabel("training step")
+    metrics = sorted({s.metric or "result" for s in sweeps})
+    axes.set_ylabel(f"{'/'.join(metrics)} (%), mean over seeds")
+    axes.legend(fontsize="small")
+    axes.grid(alpha=0.3)
+    _save(figure, plt, path, dpi=120)
 
 
 def scatter_png(points: np.ndarray, targets: list[int], correct: list[bool], path: Path,
@@ -92,8 +114,12 @@ def scatter_png(points: np.ndarray, targets: list[int], correct: list[bool], pat
     axes.set_xlabel("component 1")
     axes.set_ylabel("component 2")
     axes.legend(fontsize="small", title="colour: class", title_fontsize="small")
+    _save(figure, plt, path, dpi=110)
+
+
+def _save(figure: Any, plt: Any, path: Path, dpi: int) -> None:
     figure.tight_layout()
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110)
+    figure.savefig(buffer, format="png", dpi=dpi)
     plt.close(figure)
     atomic_write(path, buffer.getvalue())

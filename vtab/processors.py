@@ -13,6 +13,8 @@
 from __future__ import annotations
 
 import contextlib
+import copy
+import logging
 import math
 import os
 import statistics
@@ -22,20 +24,28 @@ from pathlib import Path
 from typing import Any, Literal
 
 from vtab import yamlio
-from vtab.config import get_path, merged, set_path, typed
+from vtab.checkpoints import LABEL as CHECKPOINT_LABEL
+from vtab.config import get_path, typed
 from vtab.errors import ConfigError, VtabError, did_you_mean
+from vtab.events import write_scalars
 from vtab.faults import crash_point
 from vtab.pipeline import (
     Finish,
     StageContext,
+    apply_selection,
+    checkpoint_axes,
     expand_grid,
     grid_axes,
     register_processor,
 )
 from vtab.provenance import now_iso
+from vtab.results import parse_sweep, sweep_scalars
 from vtab.schema import Field, Section
 from vtab.workarea import OUTPUTS, SUMMARIZED, WorkArea, describe_owner
 
+log = logging.getLogger(__name__)
+NO_SWEEP_EVENTS = ("tensorboard is not installed: the checkpoint sweep is in summary.yaml only "
+                   "(pip install 'vtab[tensorboard]' for TensorBoard events)")
 SUMMARY_KEYS = ("result", "std", "seeds", "metrics", "variants", "evaluated_on", "selected",
                 "selected_on", "tuning")
 
@@ -53,6 +63,10 @@ class FromFork(Section):
 class SelectBestOptions(FromFork):
     seed_key: str = Field("seed", description="the config key that tells seeds apart; settings "
                                               "are grouped without it")
+    mean_over: list[str] = Field([], max_length=16,
+                                 description="other swept keys the mean is taken over besides "
+                                             "the seed (dataset: pick one checkpoint for "
+                                             "several tasks)")
     metric: str = Field("result", description="the dotted key of each child to rank by "
                                               "(result, metrics.macro_f1, ...)")
     mode: Literal["max", "min"] = Field("max", description="whether higher or lower is better")
@@ -83,11 +97,13 @@ def _seed_key_problems(doc: Mapping[str, Any], stage: str,
                        grid: str) -> list[ConfigError]:
     """A seed key set by hand must be an axis of the grid read: else no seed is told apart."""
     axes = grid_axes(doc, grid)
-    if "seed_key" not in options.model_fields_set or options.seed_key in axes:
-        return []
-    return [ConfigError(f"stages.{stage}.processor.seed_key",
-                        f"{options.seed_key!r} is not swept by grid stage {grid!r}"
-                        f"{did_you_mean(options.seed_key, axes)} (its axes: {', '.join(axes)})")]
+    named = [("seed_key", options.seed_key)] if "seed_key" in options.model_fields_set else []
+    named += [(f"mean_over[{i}]", key)
+              for i, key in enumerate(getattr(options, "mean_over", []))]
+    return [ConfigError(f"stages.{stage}.processor.{option}",
+                        f"{key!r} is not swept by grid stage {grid!r}"
+                        f"{did_you_mean(key, axes)} (its axes: {', '.join(axes)})")
+            for option, key in named if key not in axes]
 
 
 Foreseen = tuple[list[dict[str, Any]], list[ConfigError]]
@@ -109,21 +125,40 @@ def _foresee(doc: dict[str, Any], stage: str, options: FromFork,
     branches: dict[str, dict[str, Any]] = {}
     # The walk has forked this grid under the runner's limit already: no limit again here.
     for point in expand_grid(doc["stages"][grid]["grid"], f"stages.{grid}.grid", sys.maxsize):
-        setting = {k: v for k, v in point.items() if k != options.seed_key}
-        branches.setdefault(repr(setting), {
-            **doc, "config": merged(doc.get("config", {}), setting),
-            "assumed": {**doc.get("assumed", {}), stage: setting}})
+        setting = {k: v for k, v in point.items() if k not in _averaged(options)}
+        if repr(setting) not in branches:
+            branch = {**copy.deepcopy(doc), "assumed": {**doc.get("assumed", {}), stage: setting}}
+            apply_selection(branch, grid, setting)
+            branches[repr(setting)] = branch
     return list(branches.values()), problems
 
 
-def _fork_children(doc: Mapping[str, Any], options: FromFork) -> list[str]:
+def _averaged(options: SelectBestOptions) -> set[str]:
+    """The keys a setting is grouped without: the seed's, and those the mean is taken over."""
+    return {options.seed_key, *options.mean_over}
+
+
+def _read_stage(doc: Mapping[str, Any], options: FromFork) -> str:
+    """The grid stage whose children the processor reads."""
     forks = doc.get("forks") or {}
     stage = options.grid_stage or (next(reversed(forks)) if forks else None)
     if stage not in forks:
         raise ConfigError(f"{_where(doc)}.grid_stage",
                           f"no children were forked by stage {stage!r} "
                           f"(forks so far: {', '.join(forks) or 'none'})")
-    return forks[stage]
+    return stage
+
+
+def _fork_children(doc: Mapping[str, Any], options: FromFork) -> list[str]:
+    """The finished children of the stage read; those that crashed where the stage skips
+    crashed children are left out (``left_out``), and if that is all of them, nothing is read."""
+    stage = _read_stage(doc, options)
+    left_out = set((doc.get("left_out") or {}).get(stage, []))
+    kept = [c for c in doc["forks"][stage] if c not in left_out]
+    if not kept:
+        raise VtabError(f"{_where(doc)}: every child of stage {stage!r} crashed "
+                        f"({', '.join(sorted(left_out))}); there is nothing to read")
+    return kept
 
 
 def _load_child(area: WorkArea, parent: Mapping[str, Any], job_id: str) -> dict[str, Any]:
@@ -227,11 +262,11 @@ def select_best(doc: dict[str, Any], options: SelectBestOptions, ctx: StageConte
 
     A NaN mean ranks last: `max`/`min` would keep or skip it depending on where it stands.
     """
-    seed_key, metric, higher = options.seed_key, options.metric, options.mode == "max"
+    metric, higher = options.metric, options.mode == "max"
     groups: dict[tuple[tuple[str, str], ...], tuple[dict[str, Any], list[float]]] = {}
     children = _children(doc, options, ctx)
     for child in children:
-        point = {k: v for k, v in child.get("point", {}).items() if k != seed_key}
+        point = {k: v for k, v in child.get("point", {}).items() if k not in _averaged(options)}
         for setting, scored in _scored_settings(child, point):
             key = tuple((k, repr(v)) for k, v in setting.items())
             groups.setdefault(key, (setting, []))[1].append(_value(scored, metric))
@@ -249,8 +284,32 @@ def select_best(doc: dict[str, Any], options: SelectBestOptions, ctx: StageConte
     doc["selected_on"] = {"split": how["split"],
                           "metric": how["metric"] if metric == "result" else metric}
     doc["tuning"] = tuning
-    for key, value in best["setting"].items():
-        set_path(doc["config"], key, value)
+    grid = _read_stage(doc, options)
+    sweep = _sweep(doc, grid, tuning, higher)
+    if sweep:
+        doc["sweep"] = {"grid_stage": grid, **doc["selected_on"], "points": sweep}
+    apply_selection(doc, grid, best["setting"])
+
+
+def _sweep(doc: Mapping[str, Any], grid: str, tuning: list[dict[str, Any]],
+           higher: bool) -> list[dict[str, Any]]:
+    """For a grid with a checkpoint axis: each step's best mean (over the other settings),
+    by step; else nothing."""
+    axes = checkpoint_axes(doc, grid)
+    if not axes:
+        return []
+    key, axis = next(iter(axes.items()))
+    where = f"stages.{grid}.grid.{key}"
+    best: dict[int, dict[str, Any]] = {}
+    for row in tuning:
+        step = axis.step_of(row["setting"][key], where)
+        kept = best.get(step)
+        better = kept is None or math.isnan(kept["mean"]) or (
+            row["mean"] > kept["mean"] if higher else row["mean"] < kept["mean"])
+        if better:
+            best[step] = {CHECKPOINT_LABEL: step, "checkpoint": row["setting"][key],
+                          **{k: row[k] for k in ("mean", "std", "n")}}
+    return [best[step] for step in sorted(best)]
 
 
 @register_processor("aggregate", AggregateOptions, foresee=_foresee)
@@ -300,28 +359,52 @@ def _evaluated_on_all(doc: Mapping[str, Any], children: list[dict[str, Any]]) ->
 
 @register_processor("summarize", FromFork, foresee=_foresee)
 def summarize(doc: dict[str, Any], options: FromFork, ctx: StageContext) -> Finish:
-    """Write the pipeline's summary and move every job of the pipeline beside it."""
+    """Write the pipeline's summary and move every job of the pipeline beside it.
+
+    Entries are keyed by their grid point: by dataset, within one row per value of the other
+    coordinates the children carry (a checkpoint's step, a swept backbone)."""
     pipeline = doc["pipeline"]
-    datasets = _one_per_key(
-        doc, "dataset", "the summary has one entry per dataset; sweep only the dataset in the "
-                        "grid it summarizes (tune and aggregate inside each dataset's job)",
-        [(get_path(c, "config.dataset", c["id"]), c["id"],
-          {**{k: c[k] for k in SUMMARY_KEYS if k in c}, "evaluated_on": evaluated_on(c)})
-         for c in _children(doc, options, ctx)])
+    groups: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = {}
+    for child in _children(doc, options, ctx):
+        labels = {k: v for k, v in (child.get("labels") or {}).items() if k != "dataset"}
+        groups.setdefault(repr(labels), (labels, []))[1].append(child)
+    rows = [{"labels": labels, "datasets": _datasets(doc, children)}
+            for labels, children in groups.values()]
     config = doc.get("config", {})
-    shared = _shared([entry.get("evaluated_on") or {} for entry in datasets.values()])
+    shared = _shared([entry.get("evaluated_on") or {}
+                      for row in rows for entry in row["datasets"].values()])
     summary = {
         "pipeline": pipeline,
         "finished_at": now_iso(),
         "metric": shared.get("metric"),  # what the table says it shows; null where they differ
         "split": shared.get("split"),
         "backbone": config.get("backbone", {}),
-        "datasets": datasets,
+        # One row: its coordinates (if any) and datasets at the top, as a summary of datasets.
+        **({k: v for k, v in rows[0].items() if v} if len(rows) == 1 else {"rows": rows}),
+        **{key: doc[key] for key in ("sweep", "left_out") if key in doc},
     }
     folder = ctx.area.real_dir(ctx.area.folder(SUMMARIZED) / pipeline)
     _move_tree(ctx.area, doc, folder)
     yamlio.write_mapping(folder / "summary.yaml", summary)
+    sweep = parse_sweep(summary, pipeline)
+    if sweep is not None:  # beside the jobs' curves: tensorboard --logdir summarized/<p>
+        try:
+            write_scalars(folder / "tensorboard" / "sweep", sweep_scalars(sweep),
+                          NO_SWEEP_EVENTS)
+        except OSError as exc:  # a by-product: the summary stands
+            log.warning("the checkpoint sweep's events of %s not written: %s", pipeline, exc)
     return Finish(f"{SUMMARIZED}/{pipeline}/jobs")
+
+
+def _datasets(doc: Mapping[str, Any], children: list[dict[str, Any]]) -> dict[str, Any]:
+    """One entry per dataset of children that share every other coordinate."""
+    return _one_per_key(
+        doc, "dataset", "the summary has one entry per dataset and grid point; sweep the "
+                        "dataset in the grid it summarizes (tune and aggregate inside each "
+                        "dataset's job)",
+        [(get_path(c, "config.dataset", c["id"]), c["id"],
+          {**{k: c[k] for k in SUMMARY_KEYS if k in c}, "evaluated_on": evaluated_on(c)})
+         for c in children])
 
 
 def _shared(entries: list[Mapping[str, Any]]) -> dict[str, Any]:
@@ -329,6 +412,14 @@ def _shared(entries: list[Mapping[str, Any]]) -> dict[str, Any]:
     keys = {key for entry in entries for key in entry}
     return {key: entries[0].get(key) for key in keys
             if len({repr(entry.get(key)) for entry in entries}) == 1}
+
+
+def _forked(job: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(child, parent) of every child `job` forked and did not leave out (a crashed child stays
+    in crashed/, where it can be retried)."""
+    left_out = {c for ids in (job.get("left_out") or {}).values() for c in ids}
+    return [(c, job["id"]) for ids in (job.get("forks") or {}).values() for c in ids
+            if c not in left_out]
 
 
 def _move_tree(area: WorkArea, root: Mapping[str, Any], folder: Path) -> None:
@@ -339,7 +430,7 @@ def _move_tree(area: WorkArea, root: Mapping[str, Any], folder: Path) -> None:
     """
     pipeline = root["pipeline"]
     jobs = area.real_dir(area.summarized_jobs(pipeline))
-    pending = [(c, root["id"]) for ids in (root.get("forks") or {}).values() for c in ids]
+    pending = _forked(root)
     seen: set[str] = set()
     while pending:
         job_id, parent = pending.pop()
@@ -354,7 +445,7 @@ def _move_tree(area: WorkArea, root: Mapping[str, Any], folder: Path) -> None:
         if path is None:
             raise VtabError(f"job {job_id} of pipeline {pipeline} is not finished")
         child = yamlio.load_mapping(path)
-        pending.extend((c, job_id) for ids in (child.get("forks") or {}).values() for c in ids)
+        pending.extend(_forked(child))
         if path.parent != jobs:
             os.replace(path, jobs / path.name)
             crash_point()

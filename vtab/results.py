@@ -23,6 +23,7 @@ from typing import Any
 
 from vtab.config import flatten
 from vtab.errors import ConfigError, VtabError
+from vtab.events import write_scalars
 from vtab.fsutil import atomic_write
 from vtab.vtab1k import VTAB1K_DATASETS, VTAB1K_GROUPS
 from vtab.yamlio import load_mapping
@@ -78,11 +79,30 @@ class PipelineResult:
         return str(name) if weights is None else f"{name} ({weights})"
 
 
+@dataclass(frozen=True)
+class SweepPoint:
+    step: int
+    mean: float  # a fraction
+    std: float | None  # over seeds (and the tasks averaged), None for one value
+    checkpoint: str
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """A checkpoint sweep's metric per training step, as selected on (``sweep`` of a summary)."""
+
+    pipeline: str
+    metric: str | None
+    split: str | None
+    points: tuple[SweepPoint, ...]
+
+
 @dataclass
 class Loaded:
     """The outcome of scanning a root: what was read and what was not, with reasons."""
 
     results: list[PipelineResult] = field(default_factory=list)
+    sweeps: list[Sweep] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)  # one message per malformed summary
     pending: list[str] = field(default_factory=list)  # pipeline folders without a summary yet
 
@@ -122,9 +142,12 @@ def load_summaries(root: Path, pattern: str | None = None) -> Loaded:
             loaded.pending.append(folder.name)
             continue
         try:
-            loaded.results.extend(read_summary(path))
+            results, sweep = _read(path)
         except (VtabError, OSError) as exc:
             loaded.problems.append(str(exc))
+            continue
+        loaded.results.extend(results)
+        loaded.sweeps.extend([sweep] if sweep else [])
     return loaded
 
 
@@ -135,41 +158,89 @@ def _is_pipeline_folder(folder: Path, pattern: str | None) -> bool:
     return not pattern or fnmatch.fnmatchcase(folder.name, pattern)
 
 
-def read_summary(path: Path) -> list[PipelineResult]:
-    """Read one summary: one result, or one per variant (layer, k) when its datasets report
-    several; raises `VtabError` naming the file (and the key when a key is wrong)."""
+def _read(path: Path) -> tuple[list[PipelineResult], Sweep | None]:
+    """Read one summary: one result per row (a grid point besides the dataset) and variant
+    (layer, k), and its checkpoint sweep if any; raises `VtabError` naming the file (and the key
+    when a key is wrong)."""
+    pipeline = path.parent.name
     try:
-        return _parse_summary(load_mapping(path, follow_link=True), path.parent.name)
+        data = load_mapping(path, follow_link=True)
+        return _parse_summary(data, pipeline), parse_sweep(data, pipeline)
     except ConfigError as exc:
         raise exc.in_file(str(path)) from None
 
 
+def parse_sweep(data: dict[str, Any], pipeline: str) -> Sweep | None:
+    sweep = _get(data, "sweep", dict, "a mapping", default=None)
+    if sweep is None:
+        return None
+    points = []
+    for index, point in enumerate(_get(sweep, "points", list, "a list", "sweep")):
+        where = f"sweep.points[{index}]"
+        if not isinstance(point, dict):
+            raise ConfigError(where, f"expected a mapping, got {type(point).__name__}")
+        step = _get(point, "step", int, "a whole number", where)
+        points.append(SweepPoint(step, _fraction(point, "mean", where, _REQUIRED),
+                                 None if point.get("n") == 1 else
+                                 _fraction(point, "std", where, None),
+                                 str(_get(point, "checkpoint", str, "a path", where, ""))))
+    return Sweep(pipeline, _get(sweep, "metric", str, "a string", "sweep", None),
+                 _get(sweep, "split", str, "a string", "sweep", None), tuple(points))
+
+
 def _parse_summary(data: dict[str, Any], pipeline: str) -> list[PipelineResult]:
-    datasets = _get(data, "datasets", dict, "a mapping of dataset name to results")
-    entries = {_dataset_name(name): _get(datasets, name, dict, "a mapping", "datasets")
+    """A summary of datasets (with the coordinates they share, ``labels``), or of ``rows``,
+    each its coordinates and datasets (a checkpoint sweep's steps, a swept backbone)."""
+    if "rows" not in data:
+        labels = _get(data, "labels", dict, "a mapping", default={})
+        return _row_results(data, pipeline, labels,
+                            _get(data, "datasets", dict, "a mapping of dataset name to results"),
+                            "datasets")
+    found = []
+    for index, row in enumerate(_get(data, "rows", list, "a list of rows")):
+        where = f"rows[{index}]"
+        if not isinstance(row, dict):
+            raise ConfigError(where, f"expected a mapping, got {type(row).__name__}")
+        found += _row_results(data, pipeline, _get(row, "labels", dict, "a mapping", where, {}),
+                              _get(row, "datasets", dict, "a mapping of dataset name to "
+                                                          "results", where),
+                              f"{where}.datasets")
+    return found
+
+
+def _row_results(data: dict[str, Any], pipeline: str, labels: dict[str, Any],
+                 datasets: dict[str, Any], where: str) -> list[PipelineResult]:
+    """One result for a row's datasets, or one per variant (layer, k) when they report
+    several; named by the pipeline, the row's coordinates and the variant."""
+    entries = {_dataset_name(name, where): _get(datasets, name, dict, "a mapping", where)
                for name in datasets}
     variants: dict[str, dict[str, dict[str, Any]]] = {}
     for name, entry in entries.items():
-        for variant in _get(entry, "variants", dict, "a mapping", f"datasets.{name}", {}):
+        for variant in _get(entry, "variants", dict, "a mapping", f"{where}.{name}", {}):
             found = _get(entry["variants"], variant, dict, "a mapping",
-                         f"datasets.{name}.variants")
+                         f"{where}.{name}.variants")
             variants.setdefault(str(variant), {})[name] = {**entry, **found}
+    coordinates = [f"{key}={_compact_value(value)}" for key, value in labels.items()]
     if not variants:
-        return [_pipeline_result(data, pipeline, entries)]
-    return [_pipeline_result(data, f"{pipeline} [{variant}]", scored)
+        return [_pipeline_result(data, _row_name(pipeline, coordinates), entries, where)]
+    return [_pipeline_result(data, _row_name(pipeline, [*coordinates, variant]), scored, where)
             for variant, scored in variants.items()]
 
 
-def _pipeline_result(data: dict[str, Any], pipeline: str,
-                     entries: dict[str, dict[str, Any]]) -> PipelineResult:
+def _row_name(pipeline: str, parts: list[str]) -> str:
+    return f"{pipeline} [{', '.join(parts)}]" if parts else pipeline
+
+
+def _pipeline_result(data: dict[str, Any], pipeline: str, entries: dict[str, dict[str, Any]],
+                     where: str) -> PipelineResult:
     return PipelineResult(
         pipeline=pipeline,
         backbone=_get(data, "backbone", dict, "a mapping", default={}),
         metric=_get(data, "metric", str, "a string", default=None),
         split=_get(data, "split", str, "a string", default=None),
-        scores={name: _score(entry, f"datasets.{name}") for name, entry in entries.items()},
+        scores={name: _score(entry, f"{where}.{name}") for name, entry in entries.items()},
         selected={name: dict(flatten(_get(entry, "selected", dict, "a mapping",
-                                          f"datasets.{name}", default={})))
+                                          f"{where}.{name}", default={})))
                   for name, entry in entries.items()},
         selected_on={name: _selection(entry) for name, entry in entries.items()
                      if isinstance(entry.get("selected_on"), dict)},
@@ -181,9 +252,9 @@ def _selection(entry: dict[str, Any]) -> str:
     return f"{how.get('metric') or 'result'} on {how.get('split') or 'an unrecorded split'}"
 
 
-def _dataset_name(name: Any) -> str:
+def _dataset_name(name: Any, where: str) -> str:
     if not isinstance(name, str):
-        raise ConfigError(f"datasets.{name}", "a dataset name must be a string")
+        raise ConfigError(f"{where}.{name}", "a dataset name must be a string")
     return name
 
 
@@ -482,7 +553,8 @@ def _compact_value(value: Any) -> str:
 def parse_results(root: Path, pattern: str | None = None, *, show_std: bool = True,
                   transpose: bool = False, csv_path: Path | None = None,
                   json_path: Path | None = None, markdown_path: Path | None = None,
-                  plot_path: Path | None = None) -> int:
+                  plot_path: Path | None = None, steps_path: Path | None = None,
+                  tensorboard_dir: Path | None = None) -> int:
     """Print the table of the summaries under `root` and write the requested files.
 
     Returns the exit code: 0 when at least one summary was read, 1 otherwise (with the reason on
@@ -518,7 +590,40 @@ def parse_results(root: Path, pattern: str | None = None, *, show_std: bool = Tr
         except (VtabError, OSError) as exc:
             return _fail(f"cannot plot to {plot_path}: {exc}")
         print(f"wrote {plot_path}", file=sys.stderr)
+    if steps_path is None and tensorboard_dir is None:
+        return 0
+    if not loaded.sweeps:
+        names = sorted({row.result.pipeline.split(" [")[0] for row in table.rows})
+        return _fail(f"no checkpoint sweep among the pipelines read ({', '.join(names)}): "
+                     "only a pipeline that selects among checkpoints (a grid over {checkpoints: "
+                     "pattern}, then select_best) has one")
+    return _write_sweeps(loaded.sweeps, steps_path, tensorboard_dir)
+
+
+def _write_sweeps(sweeps: list[Sweep], steps_path: Path | None,
+                  tensorboard_dir: Path | None) -> int:
+    """The checkpoint sweeps as a PNG of the metric against the step, and as TensorBoard
+    events (one run ``vtab_<pipeline>`` each) under `tensorboard_dir`."""
+    try:
+        if steps_path is not None:
+            from vtab.plots import plot_sweeps  # matplotlib only when a plot is asked for
+
+            steps_path.parent.mkdir(parents=True, exist_ok=True)
+            plot_sweeps(sweeps, steps_path)
+            print(f"wrote {steps_path}", file=sys.stderr)
+        for sweep in sweeps if tensorboard_dir is not None else []:
+            run = tensorboard_dir / f"vtab_{sweep.pipeline}"
+            write_scalars(run, sweep_scalars(sweep))
+            print(f"wrote {run}", file=sys.stderr)
+    except (VtabError, OSError) as exc:
+        return _fail(str(exc))
     return 0
+
+
+def sweep_scalars(sweep: Sweep) -> list[tuple[str, float, int]]:
+    """(tag, value, step) of a sweep: its metric on its split, per step."""
+    tag = f"{sweep.metric or 'result'}/{sweep.split or 'eval'}"
+    return [(tag, point.mean, point.step) for point in sweep.points]
 
 
 def _write(path: Path, text: str) -> bool:

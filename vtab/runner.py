@@ -701,7 +701,7 @@ class Runner:
             if missing_children(doc, self.area):
                 self.area.move(claim, WAITING, doc["id"])
                 return False
-            outcome = join(doc)
+            outcome = join(doc, self.area)
             log.info("%s: all children finished", doc["id"])
             if isinstance(outcome, Advance):
                 doc["current_stage"], doc["attempts"] = outcome.stage, 0

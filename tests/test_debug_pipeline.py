@@ -52,7 +52,7 @@ def test_two_runners_drain_the_debug_pipeline(tmp_path: Path) -> None:
     assert final["run_config"]["features"] == {
         "image_size": 32, "batch_size": 128, "precision": "fp32",  # what auto is on the CPU
         "layers": [{"name": "output", "pool": "none"}],  # the backbone's own pooled output
-        "storage": "fp32"}
+        "storage": "fp32", "mode": "offline"}
     assert final["run_config"]["optim"]["warmup_epochs"] == 0  # a default, filled in
     assert set(final["run_config"]) == {"kind", "dataset", "data", "backbone", "features",
                                         "head", "optim", "seed", "metric"}

@@ -52,6 +52,28 @@ class TransformSpec:
         ])
 
 
+@dataclass(frozen=True)
+class AugmentedTransform:
+    """The online mode's transform of a training image: `base`'s, after a random resized crop
+    (in place of the squash-resize) and a random horizontal flip, each when asked for; with
+    neither, exactly `base`'s."""
+
+    base: TransformSpec
+    random_resized_crop: bool
+    scale: tuple[float, float]
+    ratio: tuple[float, float]
+    horizontal_flip: bool
+
+    def build(self) -> transforms.Compose:
+        size = (self.base.image_size, self.base.image_size)
+        steps: list[Any] = [transforms.RandomResizedCrop(size, self.scale, self.ratio)
+                            if self.random_resized_crop else transforms.Resize(size)]
+        if self.horizontal_flip:
+            steps.append(transforms.RandomHorizontalFlip())
+        return transforms.Compose([*steps, transforms.ToTensor(),
+                                   transforms.Normalize(self.base.mean, self.base.std)])
+
+
 def resolve_precision(precision: str, device: str) -> str:
     """``auto`` is bf16 on CUDA and fp32 elsewhere."""
     if precision == "auto":
@@ -97,7 +119,8 @@ def forward_setup(device: str, precision: str) -> ForwardSetup:
 
 
 def extract_features(model: nn.Module, layers: Sequence[LayerConfig], source: Source,
-                     split: Split, transform: TransformSpec, *, batch_size: int = 64,
+                     split: Split, transform: TransformSpec | AugmentedTransform, *,
+                     batch_size: int = 64,
                      num_workers: int = 0, device: str = "cpu", precision: str = "auto",
                      progress: bool = False) -> dict[str, FeatureSet]:
     """Every layer's features of every image of `split`, in file order, as float32 on the CPU,

@@ -41,6 +41,7 @@ from vtab.evaluation.features import (
 )
 from vtab.evaluation.heads import FitSettings, Fitted, HeadInput, fit_heads_together
 from vtab.evaluation.metrics import TASKS, write_per_sample_csv
+from vtab.evaluation.online import epoch_features
 from vtab.evaluation.schemas import GRADIENT_HEADS, LinearProbeConfig
 from vtab.evaluation.store import FeatureCache, FeatureSet
 from vtab.fsutil import safe_name
@@ -57,8 +58,8 @@ Features = dict[str, dict[str, FeatureSet]]  # role (train, eval) -> layer label
 
 
 def cached_features(cfg: LinearProbeConfig, spec: BackboneSpec, splits: dict[str, Split],
-              cache_dir: Path, device: str, num_workers: int,
-              progress: bool) -> tuple[Features, dict[str, dict[str, Any]]]:
+                    cache_dir: Path, device: str, num_workers: int,
+                    progress: bool) -> tuple[Features, dict[str, dict[str, Any]]]:
     """Features of each split and layer through the cache; the backbone is built on the first
     forward only.
 
@@ -261,12 +262,22 @@ def run_linear_probes(configs: list[LinearProbeConfig | Mapping[str, Any]], *, c
     trained_classes = _trained_classes(cfg, splits)
 
     start = time.perf_counter()
-    features, cache_info = cached_features(cfg, spec, splits, cache_dir, device, num_workers,
+    online = cfg.features.mode == "online"
+    # Online, the training split's features are new each epoch: never cached.
+    features, cache_info = cached_features(cfg, spec, {"eval": splits["eval"]} if online
+                                           else splits, cache_dir, device, num_workers,
                                            progress)
+    per_epoch = epoch_features(cfg, spec, splits["train"], image_size(cfg, spec),
+                               device=device, num_workers=num_workers,
+                               progress=progress) if online else None
+    train_x = per_epoch(1) if per_epoch else [features["train"][layer.label()].float()
+                                              for layer in cfg.features.layers]
+    if online:
+        cache_info["train"] = {"online": True, "forwarded": len(splits["train"].entries) *
+                               cfg.optim.epochs}
     features_done = time.perf_counter()
     train_targets = targets(splits["train"], classes)
-    inputs = [HeadInput(features["train"][layer.label()].float(), train_targets, classes,
-                        cfg.data.task) for layer in cfg.features.layers]
+    inputs = [HeadInput(x, train_targets, classes, cfg.data.task) for x in train_x]
     settings = [FitSettings(seed=c.seed, device=device, progress=progress,
                             optim=c.optim if c.head.kind in GRADIENT_HEADS else None)
                 for c in cfgs]
@@ -274,7 +285,8 @@ def run_linear_probes(configs: list[LinearProbeConfig | Mapping[str, Any]], *, c
     curves = _curves(cfgs, features["eval"], eval_targets, classes, trained_classes) if (
         cfg.head.kind in GRADIENT_HEADS and any(outputs_dirs or [])) else None
     fits = fit_heads_together(cfg.head, inputs, settings,
-                              on_epoch=curves.record if curves else None)
+                              on_epoch=curves.record if curves else None,
+                              epoch_features=per_epoch)
     train_done = time.perf_counter()
 
     shared = {
@@ -369,6 +381,6 @@ def _head_info(fitted: Fitted) -> dict[str, Any]:
 
 
 def _backbone_keys(features: Features) -> dict[str, int]:
-    meta = next(iter(features["train"].values())).meta
+    meta = next(iter(features["eval"].values())).meta
     return {"missing_keys": int(meta.get("missing_keys", 0)),
             "unexpected_keys": int(meta.get("unexpected_keys", 0))}

@@ -76,7 +76,6 @@ class BackboneConfig(Section):
                                              "DEFAULT; timm: pretrained) or a checkpoint file")
 
 
-_OFFLINE_ONLY = "only the offline mode (a head trained on cached frozen features) exists yet"
 OUTPUT = "output"  # the layer name of the backbone's own pooled output
 LAST_BLOCKS = "last_blocks"  # DINOv2's concatenation of the last blocks' CLS tokens
 PoolOp = Literal["none", "avg", "avgpool2d", "cls", "patch_mean", "cls_patch_mean"]
@@ -164,10 +163,50 @@ def _distinct_layers(layers: list[LayerConfig]) -> list[LayerConfig]:
     return layers
 
 
+def _pair(low: float, high: float) -> Any:
+    return Annotated[list[Annotated[float, Field(ge=low, le=high)]],
+                     Field(min_length=2, max_length=2)]
+
+
+class AugmentConfig(Section):
+    """How the online mode varies a training image at each epoch (evaluation images never)."""
+
+    hints: ClassVar[Mapping[str, str]] = {
+        "flip": "did you mean 'horizontal_flip'?", "crop": "did you mean "
+        "'random_resized_crop'?"}
+
+    random_resized_crop: bool = Field(
+        True, description="a random part of the image (area fraction `scale`, aspect `ratio`) "
+                          "resized to image_size, as torchvision's RandomResizedCrop; false: "
+                          "the whole image squashed to image_size, as offline")
+    scale: _pair(0.001, 1.0) = Field([0.08, 1.0], description="random_resized_crop only: the "
+                                                              "range of the area fraction")
+    ratio: _pair(0.01, 100.0) = Field([0.75, 4 / 3], description="random_resized_crop only: "
+                                                                 "the range of the aspect ratio")
+    horizontal_flip: bool = Field(True, description="mirror half of the images at random")
+
+    @model_validator(mode="after")
+    def _crop_options_are_read(self) -> AugmentConfig:
+        for key in ("scale", "ratio"):
+            if not self.random_resized_crop and key in self.model_fields_set:
+                raise invalid(key, "is read only with random_resized_crop: true")
+            low, high = getattr(self, key)
+            if low > high:
+                raise invalid(key, f"is a range [low, high]; got [{low}, {high}]")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _only_what_is_read(self, handler: SerializerFunctionWrapHandler) -> dict[str, object]:
+        dumped = handler(self)
+        if not self.random_resized_crop:
+            del dumped["scale"], dumped["ratio"]
+        return dumped
+
+
 class FeaturesConfig(Section):
     hints: ClassVar[Mapping[str, str]] = {
         "layer": "did you mean 'layers' (a list)?", "pool": "pooling is set per entry of layers",
-        "mode": _OFFLINE_ONLY, "augment": _OFFLINE_ONLY, "augmentation": _OFFLINE_ONLY}
+        "augmentation": "did you mean 'augment'?"}
 
     image_size: int | None = Field(
         None, ge=1, le=4096,
@@ -184,6 +223,36 @@ class FeaturesConfig(Section):
     storage: Literal["fp32", "fp16"] = Field(
         "fp32", description="how the feature store keeps the rows: fp32, or fp16 (half the "
                             "disk and memory; heads still train in fp32)")
+    mode: Literal["offline", "online"] = Field(
+        "offline", description="offline: the head trains on the cached features of the "
+                               "training images; online: on features of augmented images, "
+                               "computed anew each epoch by the frozen backbone (in eval "
+                               "mode: BatchNorm keeps its statistics); heads trained by "
+                               "gradient descent only")
+    augment: AugmentConfig | None = Field(
+        None, validate_default=False,
+        description="online only: how training images are augmented (default: "
+                    "random_resized_crop and horizontal_flip)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _online_augments_by_default(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and data.get("mode") == "online" and "augment" not in data:
+            return {**data, "augment": {}}
+        return data
+
+    @model_validator(mode="after")
+    def _augment_is_read(self) -> FeaturesConfig:
+        if self.mode == "offline" and self.augment is not None:
+            raise invalid("augment", "is read only with features.mode online")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _augment_if_online(self, handler: SerializerFunctionWrapHandler) -> dict[str, object]:
+        dumped = handler(self)
+        if self.mode == "offline":
+            del dumped["augment"]
+        return dumped
 
 
 _FEATURE_NORM = Field("standardize", description="normalisation fitted on the training "
@@ -354,6 +423,12 @@ class LinearProbeConfig(Section):
     @field_validator("head")
     @classmethod
     def _head_options_of_the_task(cls, value: Any, info: ValidationInfo) -> Any:
+        mode = getattr(info.data.get("features"), "mode", None)
+        if mode == "online" and value.kind not in GRADIENT_HEADS:
+            raise ValueError(f"head.kind {value.kind} is fitted to convergence on fixed "
+                             "features, which features.mode online does not have (new "
+                             "augmented features each epoch): use one of "
+                             f"{', '.join(GRADIENT_HEADS)}, or the offline mode")
         task = getattr(info.data.get("data"), "task", None)
         if task == "single_label" and "train_difficult_as" in value.model_fields_set:
             raise ValueError("train_difficult_as is read only with data.task multi_label "
@@ -412,3 +487,11 @@ class ExportConfig(Section):
     data: ExportDataConfig
     backbone: BackboneConfig
     features: FeaturesConfig = Field(FeaturesConfig(), description="feature extraction")
+
+    @field_validator("features")
+    @classmethod
+    def _offline(cls, value: FeaturesConfig) -> FeaturesConfig:
+        if value.mode != "offline":
+            raise ValueError("mode online augments training images anew each epoch: an "
+                             "export writes the features of the images as they are (offline)")
+        return value

@@ -60,6 +60,10 @@ Scorer = Callable[[torch.Tensor], torch.Tensor]  # raw features -> scores, curre
 # each head's learning rate at its last step, and a scorer of each head as it stands. Nothing
 # it does changes the training (no random numbers are drawn, the weights are not touched).
 EpochHook = Callable[[int, list[float], list[float], list[Scorer]], None]
+# Online mode: the raw training features of each distinct input (in the order heads first name
+# them) for an epoch from 2 on, new augmentations of the same images; epoch 1 trains on the
+# inputs' own `x`, which every normalisation is fitted on.
+EpochFeatures = Callable[[int], Sequence[torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -113,9 +117,16 @@ def _batches(n: int, batch_size: int) -> list[int]:
     return [start for start in range(0, n, batch_size) if n - start > 1 or n == 1]
 
 
+def _sources(heads: Sequence[GradientHead]) -> list[HeadInput]:
+    """The distinct inputs of `heads`, in the order they first appear."""
+    return list({id(head.data): head.data for head in heads}.values())
+
+
 def train_heads(heads: Sequence[GradientHead], schedule: Schedule, *, device: str = "cpu",
-                progress: bool = False, on_epoch: EpochHook | None = None) -> list[Fitted]:
-    """Train every head on its own input; all inputs must have the same number of rows."""
+                progress: bool = False, on_epoch: EpochHook | None = None,
+                epoch_features: EpochFeatures | None = None) -> list[Fitted]:
+    """Train every head on its own input; all inputs must have the same number of rows.
+    With `epoch_features`, each epoch from the second trains on the features it returns."""
     if not heads:
         raise ValueError("train_heads needs at least one head")
     sizes = {len(head.data.x) for head in heads}
@@ -124,7 +135,7 @@ def train_heads(heads: Sequence[GradientHead], schedule: Schedule, *, device: st
     (n,) = sizes
     dev = torch.device(device)
     if len(heads) > 1 and _one_wide_layer(heads):
-        return _train_wide(heads, schedule, dev, progress, on_epoch)
+        return _train_wide(heads, schedule, dev, progress, on_epoch, epoch_features)
     # One normalised copy (and one on the device) per input and normalisation, however many
     # heads of a batch train on it.
     prepared: dict[tuple[int, str], tuple[FeatureNorm, torch.Tensor, torch.Tensor]] = {}
@@ -135,6 +146,13 @@ def train_heads(heads: Sequence[GradientHead], schedule: Schedule, *, device: st
                 norm, norm(head.data.x).to(dev), head.data.targets.to(dev))
     norms, inputs, targets = (list(column) for column in zip(
         *(prepared[id(head.data), head.feature_norm] for head in heads), strict=True))
+    source_of = {id(data): index for index, data in enumerate(_sources(heads))}
+
+    def refresh(epoch: int) -> None:  # online mode: this epoch's features, normalised alike
+        fresh = epoch_features(epoch)
+        normalised = {key: norm(fresh[source_of[key[0]]]).to(dev)
+                      for key, (norm, _, _) in prepared.items()}
+        inputs[:] = [normalised[id(head.data), head.feature_norm] for head in heads]
     orders = [torch.Generator().manual_seed(head.spec.seed) for head in heads]
     modules = []
     for head, order, x in zip(heads, orders, inputs, strict=True):
@@ -150,6 +168,8 @@ def train_heads(heads: Sequence[GradientHead], schedule: Schedule, *, device: st
         module.train()
     for epoch in tqdm(range(1, schedule.epochs + 1), desc=f"{len(heads)} head(s)",
                       disable=not progress, leave=False):
+        if epoch_features is not None and epoch > 1:
+            refresh(epoch)
         epoch_orders = [torch.randperm(n, generator=g).to(dev) for g in orders]
         epoch_loss = torch.zeros(len(heads), device=dev)
         for start in starts:
@@ -198,7 +218,8 @@ def _one_wide_layer(heads: Sequence[GradientHead]) -> bool:
 
 
 def _train_wide(heads: Sequence[GradientHead], schedule: Schedule, dev: torch.device,
-                progress: bool, on_epoch: EpochHook | None) -> list[Fitted]:
+                progress: bool, on_epoch: EpochHook | None,
+                epoch_features: EpochFeatures | None) -> list[Fitted]:
     """`train_heads` for heads that `_one_wide_layer` accepts: the same updates as each head's
     own nn.Linear and torch.optim.SGD (momentum, weight decay, learning rate per head), done
     on one [D, heads x C] weight; equal to training each alone up to float rounding."""
@@ -224,6 +245,9 @@ def _train_wide(heads: Sequence[GradientHead], schedule: Schedule, dev: torch.de
     step = 0
     for epoch in tqdm(range(1, schedule.epochs + 1), desc=f"{count} head(s), one wide layer",
                       disable=not progress, leave=False):
+        if epoch_features is not None and epoch > 1:
+            (fresh,) = epoch_features(epoch)  # one input
+            x = norm(fresh).to(dev)
         epoch_order = torch.randperm(n, generator=order).to(dev)
         epoch_loss = torch.zeros(count, device=dev)
         for start in starts:
@@ -302,21 +326,27 @@ def _fit_one(kind: str, config: Any, inputs: Sequence[HeadInput],
 
 
 def fit_heads_together(config: Any, inputs: Sequence[HeadInput],
-                       settings: Sequence[FitSettings],
-                       on_epoch: EpochHook | None = None) -> list[list[dict[str, Fitted]]]:
+                       settings: Sequence[FitSettings], on_epoch: EpochHook | None = None,
+                       epoch_features: EpochFeatures | None = None,
+                       ) -> list[list[dict[str, Fitted]]]:
     """`config.kind` fitted on `inputs` once per settings (seed, optim); for each settings,
     what `fit_heads` returns. A kind trained by gradient descent trains them all in one pass:
     each head as it would train alone (its own seed, data order, learning rate); `on_epoch`
-    then sees the heads in the order settings x inputs. Other kinds have no epochs."""
+    then sees the heads in the order settings x inputs, and `epoch_features` gives the features
+    of `inputs` for each epoch from the second (online mode). Other kinds have no epochs."""
     if config.kind in _BUILDERS:
-        return _gradient_heads(config, inputs, settings, on_epoch)
+        return _gradient_heads(config, inputs, settings, on_epoch, epoch_features)
+    if epoch_features is not None:
+        raise ValueError(f"head kind {config.kind!r} is fitted on fixed features, not per epoch")
     if len(settings) == 1:
         return [fit_heads(config, inputs, settings[0])]
     raise ValueError(f"head kind {config.kind!r} cannot train several settings in one pass")
 
 
 def _gradient_heads(config: Any, inputs: Sequence[HeadInput], settings: Sequence[FitSettings],
-                    on_epoch: EpochHook | None = None) -> list[list[dict[str, Fitted]]]:
+                    on_epoch: EpochHook | None = None,
+                    epoch_features: EpochFeatures | None = None,
+                    ) -> list[list[dict[str, Fitted]]]:
     """One head per input and settings, all in one pass, each with its settings' optim."""
     schedules = {Schedule(s.optim.epochs, s.optim.batch_size, s.optim.warmup_epochs)
                  for s in settings}
@@ -328,7 +358,8 @@ def _gradient_heads(config: Any, inputs: Sequence[HeadInput], settings: Sequence
     heads = [GradientHead(build, data, _spec(s), config.feature_norm, config.kind in _LINEAR)
              for s in settings for data in inputs]
     trained = train_heads(heads, schedules.pop(), device=devices.pop(),
-                          progress=any(s.progress for s in settings), on_epoch=on_epoch)
+                          progress=any(s.progress for s in settings), on_epoch=on_epoch,
+                          epoch_features=epoch_features)
     per_input = len(inputs)
     return [[{"": fitted} for fitted in trained[i:i + per_input]]
             for i in range(0, len(trained), per_input)]

@@ -189,20 +189,35 @@ def train_heads(heads: Sequence[GradientHead], schedule: Schedule, *, device: st
             epoch_loss += torch.stack(terms).detach()
             step += 1
         if on_epoch is not None:
+            normalised = _Normalised(dev)  # each input normalised once, whatever the heads
             on_epoch(epoch, (epoch_loss / len(starts)).tolist(),
                      [head.spec.lr * factor for head in heads],
-                     [_scorer(module, norm, dev) for module, norm in zip(modules, norms,
-                                                                         strict=True)])
+                     [_scorer(module, norm, normalised) for module, norm in zip(modules, norms,
+                                                                                strict=True)])
     return [_fitted(module.eval(), norm, dev) for module, norm in zip(modules, norms, strict=True)]
 
 
-def _scorer(module: nn.Module, norm: FeatureNorm, device: torch.device) -> Scorer:
+class _Normalised:
+    """Features normalised and on the device, kept for one epoch's scorers: heads of one input
+    and normalisation score the same copy (an evaluation split can be large)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.kept = device, {}
+
+    def __call__(self, norm: FeatureNorm, x: torch.Tensor) -> torch.Tensor:
+        key = (id(norm), id(x))
+        if key not in self.kept:
+            self.kept[key] = (norm(x.to(self.device)), norm, x)  # holds them: ids stay theirs
+        return self.kept[key][0]
+
+
+def _scorer(module: nn.Module, norm: FeatureNorm, normalised: _Normalised) -> Scorer:
     """Scores of a module in training, as it stands (in eval mode for the call)."""
     def score(x: torch.Tensor) -> torch.Tensor:
         module.eval()
         try:
             with torch.no_grad():
-                return module(norm(x.to(device)))
+                return module(normalised(norm, x))
         finally:
             module.train()
     return score
@@ -272,9 +287,10 @@ def _train_wide(heads: Sequence[GradientHead], schedule: Schedule, dev: torch.de
                     p.addcmul_(d, steps)
             step += 1
         if on_epoch is not None:
+            normalised = _Normalised(dev)
             on_epoch(epoch, (epoch_loss / len(starts)).tolist(),
                      [head.spec.lr * factor for head in heads],
-                     [_block_scorer(weight, bias, block, classes, norm, dev)
+                     [_block_scorer(weight, bias, block, classes, norm, normalised)
                       for block in range(count)])
     fitted = []
     for block in range(count):
@@ -288,12 +304,12 @@ def _train_wide(heads: Sequence[GradientHead], schedule: Schedule, dev: torch.de
 
 
 def _block_scorer(weight: torch.Tensor, bias: torch.Tensor, block: int, classes: int,
-                  norm: FeatureNorm, device: torch.device) -> Scorer:
+                  norm: FeatureNorm, normalised: _Normalised) -> Scorer:
     columns = slice(block * classes, (block + 1) * classes)
 
     def score(x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return torch.addmm(bias[columns], norm(x.to(device)), weight[:, columns])
+            return torch.addmm(bias[columns], normalised(norm, x), weight[:, columns])
     return score
 
 

@@ -108,7 +108,7 @@ def drain(area: Path, doc: dict[str, Any], cache: Path, devices: str,
     seconds = time.perf_counter() - started
     jobs = [yamlio.load_mapping(path) for path in (area / "finished").rglob("*__*.yaml")]
     passes = one_per_pass(jobs)
-    return Drained(seconds, sum(job["timings"]["total_s"] for job in passes), len(passes),
+    return Drained(seconds, sum(job["report"]["timings"]["total_s"] for job in passes), len(passes),
                    {job["id"]: job["result"] for job in jobs})
 
 

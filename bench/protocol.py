@@ -134,10 +134,11 @@ def drain(area: Path, doc: dict[str, Any], args: argparse.Namespace, max_batch: 
         raise SystemExit(f"the runners exited with {done.returncode}:\n{done.stderr[-3000:]}")
     jobs = list(training_jobs(area))
     passes = one_per_pass(jobs)
-    timings = [job["timings"] for job in passes]
+    timings = [job["report"]["timings"] for job in passes]
     return Run(wall, sum(t["features_s"] for t in timings),
                sum(t["train_s"] + t["eval_s"] for t in timings),
-               sum(role["forwarded"] for job in passes for role in job["features"].values()),
+               sum(role["forwarded"] for job in passes
+                   for role in job["report"]["features"].values()),
                len(passes), len(jobs),
                {m[1]: int(m[2]) for m in RUNNER_LINE.finditer(done.stderr)})
 

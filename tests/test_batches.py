@@ -17,6 +17,7 @@ from tests.test_evaluation import probe_config
 from tests.test_processes import start_runner, wait_for
 from vtab import yamlio
 from vtab.errors import RunnerEnvironmentError
+from vtab.outcome import RunOutcome
 from vtab.pipeline import StageContext, register_kind
 from vtab.runner import BLOCKED_EXIT, CANNOT_RUN_EXIT
 from vtab.schema import Section
@@ -54,12 +55,14 @@ def test_siblings_run_in_passes_of_at_most_max_batch(area: WorkArea, tmp_path: P
     done = children(area, FINISHED)
     assert len(done) == 6 and set(runs(log).values()) == {1}  # each job ran once
     assert sorted(job["result"] for job in done.values()) == sorted(RESULTS * 2)
-    groups = {tuple(job.get("batch", {"jobs": [job["id"]]})["jobs"]) for job in done.values()}
+    groups = {tuple(job["report"].get("batch", {"jobs": [job["id"]]})["jobs"])
+              for job in done.values()}
     assert len(groups) == passes and max(map(len, groups)) <= max_batch
     for job in done.values():
         assert job["run_config"]["sleep"]["result"] == job["result"]  # its own config ran
         ran = job["history"][-1]
-        assert ran.get("jobs_in_pass", 1) == len(job.get("batch", {"jobs": [1]})["jobs"])
+        in_pass = job["report"].get("batch", {"jobs": [job["id"]]})["jobs"]
+        assert ran.get("jobs_in_pass", 1) == len(in_pass)
         assert "lease" not in job and job["attempts"] == 0
 
 
@@ -214,14 +217,15 @@ def _device_key(config: DeviceConfig) -> str:
 
 
 def _out_of_memory_when_batched(configs: list[DeviceConfig],
-                                ctxs: list[StageContext]) -> list[dict[str, Any] | Exception]:
+                                ctxs: list[StageContext]) -> list[RunOutcome | Exception]:
     """A device that holds one job's pass, not several."""
     if len(configs) > 1:
         raise RunnerEnvironmentError(f"the device ran out of memory ({len(configs)} jobs)")
-    return [{"result": config.value, "metrics": {"top1": config.value}} for config in configs]
+    return [RunOutcome({"result": config.value, "metrics": {"top1": config.value}})
+            for config in configs]
 
 
-def _one_at_a_time(config: DeviceConfig, ctx: StageContext) -> dict[str, Any]:
+def _one_at_a_time(config: DeviceConfig, ctx: StageContext) -> RunOutcome:
     (output,) = _out_of_memory_when_batched([config], [ctx])
     return output
 

@@ -45,7 +45,13 @@ def test_two_runners_drain_the_debug_pipeline(tmp_path: Path) -> None:
     assert final["env"]["VTAB1K_ROOT"] == str(data)
     assert final["config"]["optim"]["lr"] == digits["selected"]["optim.lr"]
     assert final["metrics"]["top1"] == final["result"]
-    assert final["num_eval"] == 797
+    assert final["report"]["num_eval"] == 797
+    assert "backbone" not in final  # the kind's report stays under report: config.backbone is
+    assert final["report"]["backbone"]["weights_id"] == "random-seed0"  # the only one on top
+    outputs = area.folder(SUMMARIZED) / "debug" / "outputs" / final["id"]
+    assert final["artefacts"] == sorted(str(p.relative_to(outputs)) for p in outputs.rglob("*")
+                                        if p.is_file())
+    assert {"curves.csv", "test_predictions.csv"} < set(final["artefacts"])
     assert final["provenance"]["device"] == "cpu"
     # What ran, exactly: every key the kind read, defaults filled in (the image size is the
     # pipeline's; the backbone's own would be 224), and nothing else.
@@ -65,8 +71,8 @@ def test_two_runners_drain_the_debug_pipeline(tmp_path: Path) -> None:
     heads = [yamlio.load_mapping(p) for p in jobs.glob("*__*__*.yaml")]
     assert len(heads) == 7
     passes = one_per_pass(heads)
-    assert sum(not job["features"]["train"]["cached"] for job in passes) == 2
-    assert sum(not job["features"]["eval"]["cached"] for job in passes) == 2
+    assert sum(not job["report"]["features"]["train"]["cached"] for job in passes) == 2
+    assert sum(not job["report"]["features"]["eval"]["cached"] for job in passes) == 2
 
     table = subprocess.run(
         [sys.executable, "main_parse_results.py", "--root", str(area.folder(SUMMARIZED))],

@@ -69,9 +69,10 @@ def test_layers_are_chosen_on_validation_and_forwarded_once(drained: WorkArea) -
     # pipelines share the cache and may have forwarded some already): of the passes that trained
     # the four tuning jobs, one forwards train800 and val200 for all three layers, the others
     # read the cache.
-    assert sum(j["features"][role]["forwarded"] for j in one_per_pass(tuning + final)
+    assert sum(j["report"]["features"][role]["forwarded"] for j in one_per_pass(tuning + final)
                for role in ("train", "eval")) <= 1797
-    assert sorted(j["features"]["train"]["forwarded"] for j in one_per_pass(tuning))[:-1] == [
+    assert sorted(j["report"]["features"]["train"]["forwarded"]
+                  for j in one_per_pass(tuning))[:-1] == [
         0] * (len(one_per_pass(tuning)) - 1)
 
 
@@ -100,5 +101,5 @@ def test_multilabel_svm_reports_voc07_map_and_per_class_ap(drained: WorkArea) ->
                "heads_svm_multilabel__digit_pairs" / "test_predictions.csv")
     header, first, *rest = outputs.read_text().splitlines()
     assert header == "id,split,targets,difficult,predicted,correct,top_scores"
-    assert len(rest) + 1 == job["num_eval"]
+    assert len(rest) + 1 == job["report"]["num_eval"]
     assert first.split(",")[0].startswith("images/test/")

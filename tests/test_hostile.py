@@ -23,6 +23,7 @@ from vtab import status, yamlio
 from vtab.errors import ConfigError
 from vtab.evaluation import probe
 from vtab.launch import local as launch_local
+from vtab.outcome import RunOutcome
 from vtab.pipeline import StageContext, register_kind
 from vtab.runner import BLOCKED_EXIT, CRASHED_EXIT
 from vtab.schema import Section
@@ -272,14 +273,14 @@ class _OutputsConfig(Section):
 
 
 @register_kind("test_outputs", _OutputsConfig)
-def _writes_outputs(config: _OutputsConfig, ctx: StageContext) -> dict[str, Any]:
+def _writes_outputs(config: _OutputsConfig, ctx: StageContext) -> RunOutcome:
     """Writes an output file; with `taken_over`, another runner then takes the job over."""
     ctx.outputs_dir().mkdir(parents=True)
     (ctx.outputs_dir() / "predictions.csv").write_text("id,target\n")
     if config.taken_over:
         mine = ctx.staging.with_name(ctx.staging.name.removesuffix(".outputs") + ".yaml")
         mine.rename(mine.with_name(mine.name.split("@")[0] + "@ffffffff.yaml"))
-    return {"result": 1.0}
+    return RunOutcome({"result": 1.0})
 
 
 @pytest.mark.parametrize("taken_over", [False, True])

@@ -65,7 +65,7 @@ def test_a_projection_of_a_finished_job(digits_root: Path, tmp_path: Path,
     from vtab import yamlio
     from vtab.evaluation.store import FeatureCache
 
-    keys = yamlio.load_mapping(area.summarized_jobs("debug") / f"{job}.yaml")["features"]
+    keys = yamlio.load_mapping(area.summarized_jobs("debug") / f"{job}.yaml")["report"]["features"]
     store = FeatureCache(area.root / "cache" / "features")
     train, test = (store.load(keys[role]["keys"]["output"]).float().double().numpy()
                    for role in ("train", "eval"))
@@ -77,3 +77,40 @@ def test_a_projection_of_a_finished_job(digits_root: Path, tmp_path: Path,
     np.testing.assert_allclose(ours, expected * signs, rtol=1e-3, atol=1e-3)
     correct = [row["correct"] == "1" for row in rows]
     assert 0 < sum(correct) < len(rows)  # some of each, marked
+
+
+def test_a_table_without_a_correct_column_has_it_computed_or_is_named(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    folder = tmp_path / "outputs" / "p" / "p__x"
+    folder.mkdir(parents=True)
+    (folder / "test_predictions.csv").write_text("id,target,prediction,loss\n"
+                                                 "a.png,1,1,0.1\nb.png,2,0,1.9\n")
+    assert main(["p__x", "--work_area", str(tmp_path)]) == 0
+    assert "test_predictions.csv: 1 of 2 wrong" in capsys.readouterr().out
+    (folder / "test_predictions.csv").write_text("id,score\na.png,0.5\n")
+    assert main(["p__x", "--work_area", str(tmp_path)]) == 2
+    assert "test_predictions.csv has no correct column" in capsys.readouterr().out
+
+
+def test_a_job_of_several_variants_projects_the_one_named(digits_root: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    from tests.conftest import drain, queue
+    from tests.test_evaluation import probe_config
+    from vtab.workarea import WorkArea
+
+    config = probe_config(digits_root, **{"head": {"kind": "knn", "k": [5, 10]}})
+    del config["optim"], config["seed"]
+    area = WorkArea(tmp_path / "work")
+    queue(area, {"name": "k", "current_stage": "run", "config": config,
+                 "stages": {"run": {"hyperparams": {"kind": "linear_probe"}}}})
+    assert drain(area) == 0
+    out = str(tmp_path / "proj")
+    assert main(["k", "--work_area", str(area.root), "--projection", out]) == 2
+    assert "reports the variants 'k=5', 'k=10': name one with --variant" in \
+        capsys.readouterr().out
+    assert main(["k", "--work_area", str(area.root), "--projection", out,
+                 "--variant", "k=10"]) == 0
+    with (tmp_path / "proj.csv").open() as handle:
+        marks = [row["correct"] for row in csv.DictReader(handle)]
+    with (area.root / "outputs" / "k" / "k" / "val200_k_10_predictions.csv").open() as handle:
+        assert marks == [row["correct"] for row in csv.DictReader(handle)]

@@ -97,7 +97,7 @@ def test_the_online_pipeline_runs_through_the_work_area(digits_root: Path,
     assert final["run_config"]["features"]["augment"] == {
         "random_resized_crop": True, "scale": [0.5, 1.0], "ratio": [0.75, 4 / 3],
         "horizontal_flip": False}
-    assert final["features"]["train"]["online"] is True
+    assert final["report"]["features"]["train"]["online"] is True
 
 
 def test_an_export_is_offline(digits_root: Path) -> None:

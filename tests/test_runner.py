@@ -13,6 +13,7 @@ from tests.conftest import TOY_JOBS_PER_DATASET, drain, queue, toy_pipeline
 from vtab import yamlio
 from vtab.errors import RunnerEnvironmentError
 from vtab.launch.local import worst_exit_code
+from vtab.outcome import RunOutcome
 from vtab.pipeline import StageContext, register_kind
 from vtab.runner import BLOCKED_EXIT, CRASHED_EXIT
 from vtab.schema import Section
@@ -26,12 +27,12 @@ class FlakyConfig(Section):
 
 
 @register_kind("test_flaky", FlakyConfig)
-def _flaky(config: FlakyConfig, ctx: StageContext) -> dict[str, Any]:
+def _flaky(config: FlakyConfig, ctx: StageContext) -> RunOutcome:
     """Fails the first `fail_times` calls per job id, then succeeds."""
     CALLS[ctx.job["id"]] = CALLS.get(ctx.job["id"], 0) + 1
     if CALLS[ctx.job["id"]] <= config.fail_times:
         raise RuntimeError(f"flaky failure {CALLS[ctx.job['id']]}")
-    return {"result": 1.0}
+    return RunOutcome({"result": 1.0})
 
 
 def _single(kind: str, **config: Any) -> dict[str, Any]:
@@ -66,7 +67,7 @@ def test_a_pipeline_drains_and_is_summarized(area: WorkArea, tmp_path: Path) -> 
                                "toy__a__final__seed=1.yaml")
     assert leaf["result"] == 0.75 and leaf["result_stage"] == "train_test"
     assert {"host", "code_version", "runner", "python"} <= set(leaf["provenance"])
-    assert "total_s" in leaf["timings"]
+    assert "total_s" in leaf["report"]["timings"]
 
 
 def test_requeuing_a_finished_pipeline_does_not_train_again(area: WorkArea,
@@ -207,7 +208,7 @@ def test_a_finished_job_cannot_name_a_folder_outside_the_area(area: WorkArea) ->
 
 
 @register_kind("test_broken_install", Section)
-def _broken_install(config: Section, ctx: StageContext) -> dict[str, Any]:
+def _broken_install(config: Section, ctx: StageContext) -> RunOutcome:
     raise RunnerEnvironmentError("operator torchvision::nms does not exist")
 
 

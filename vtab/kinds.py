@@ -13,6 +13,7 @@ from vtab.devices import environment_failure
 from vtab.errors import Advice, ConfigError, RunnerEnvironmentError
 from vtab.evaluation.schemas import LinearProbeConfig
 from vtab.fsutil import append_line
+from vtab.outcome import RunOutcome
 from vtab.pipeline import RunMany, StageContext, register_kind
 from vtab.schema import Field, Section
 
@@ -30,9 +31,9 @@ def _linear_probe_batch_key(config: LinearProbeConfig) -> str | None:
 
 
 def _linear_probes(configs: list[LinearProbeConfig],
-                   ctxs: list[StageContext]) -> list[dict[str, Any] | Exception]:
+                   ctxs: list[StageContext]) -> list[RunOutcome | Exception]:
     """Siblings' probes in one pass: features loaded once, every head trained together."""
-    outputs: list[dict[str, Any] | Exception | None] = [None] * len(configs)
+    outputs: list[RunOutcome | Exception | None] = [None] * len(configs)
     trusted = []
     for i, (config, ctx) in enumerate(zip(configs, ctxs, strict=True)):
         try:
@@ -56,11 +57,11 @@ def _linear_probes(configs: list[LinearProbeConfig],
             reason = environment_failure(output) if isinstance(output, Exception) else None
             if reason is not None:  # the device failed while scoring: the runner's fault
                 raise RunnerEnvironmentError(f"{reason} ({type(output).__name__}: {output})")
-            outputs[i] = output
+            outputs[i] = output if isinstance(output, Exception) else RunOutcome.of(output)
     return outputs  # every config has its output or its error
 
 
-def _one(run_many: RunMany, config: Any, ctx: StageContext) -> dict[str, Any]:
+def _one(run_many: RunMany, config: Any, ctx: StageContext) -> RunOutcome:
     """A kind's single run: its `run_many` with one config."""
     (output,) = run_many([config], [ctx])
     if isinstance(output, Exception):
@@ -71,7 +72,7 @@ def _one(run_many: RunMany, config: Any, ctx: StageContext) -> dict[str, Any]:
 @register_kind("linear_probe", LinearProbeConfig, inspect=_inspect_linear_probe,
                complete=_complete_linear_probe, batch_key=_linear_probe_batch_key,
                run_many=_linear_probes)
-def linear_probe(config: LinearProbeConfig, ctx: StageContext) -> dict[str, Any]:
+def linear_probe(config: LinearProbeConfig, ctx: StageContext) -> RunOutcome:
     """Frozen backbone features (cached) of one or more layers, and a head trained on each."""
     return _one(_linear_probes, config, ctx)
 
@@ -158,7 +159,7 @@ def _sleep_batch_key(config: SleepConfig) -> str | None:
 
 
 def _sleeps(configs: list[SleepConfig],
-            ctxs: list[StageContext]) -> list[dict[str, Any] | Exception]:
+            ctxs: list[StageContext]) -> list[RunOutcome | Exception]:
     """Wait once for every job, then each logs and reports its own result."""
     logs: list[Path | Exception | None] = []
     for config in configs:
@@ -167,7 +168,7 @@ def _sleeps(configs: list[SleepConfig],
         except ConfigError as exc:
             logs.append(exc)
     time.sleep(max(config.sleep.seconds for config in configs))
-    outputs: list[dict[str, Any] | Exception] = []
+    outputs: list[RunOutcome | Exception] = []
     for config, ctx, log in zip(configs, ctxs, logs, strict=True):
         if isinstance(log, Exception):
             outputs.append(log)
@@ -178,13 +179,13 @@ def _sleeps(configs: list[SleepConfig],
         except OSError as exc:  # this job's own failure (a log that is a folder, say)
             outputs.append(exc)
             continue
-        outputs.append({"result": config.sleep.result,
-                        "metrics": {config.metric: config.sleep.result}})
+        outputs.append(RunOutcome({"result": config.sleep.result,
+                                   "metrics": {config.metric: config.sleep.result}}))
     return outputs
 
 
 @register_kind("sleep", SleepConfig, inspect=_inspect_sleep, batch_key=_sleep_batch_key,
                run_many=_sleeps)
-def sleep(config: SleepConfig, ctx: StageContext) -> dict[str, Any]:
+def sleep(config: SleepConfig, ctx: StageContext) -> RunOutcome:
     """A job that only waits: for testing the work area and measuring queue overhead."""
     return _one(_sleeps, config, ctx)

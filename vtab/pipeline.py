@@ -30,6 +30,7 @@ from vtab.checkpoints import LABEL as CHECKPOINT_LABEL
 from vtab.checkpoints import CheckpointAxis, is_checkpoint_axis
 from vtab.config import delete_path, flat_entries, merged, resolve_env, set_path
 from vtab.errors import Advice, ConfigError, VtabError, did_you_mean
+from vtab.outcome import RunOutcome, has_scores
 from vtab.provenance import environment, now_iso
 from vtab.registry import Registry
 from vtab.schema import Section
@@ -106,18 +107,25 @@ class StageContext:
     def outputs_dir(self) -> Path:
         return self.staging or self.area.outputs(self.job["pipeline"], self.job["id"])
 
+    def artefacts(self) -> list[str]:
+        """The files the job wrote into its outputs folder so far, relative to it."""
+        folder = self.outputs_dir()
+        if not folder.is_dir():
+            return []
+        return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
     def features_cache(self) -> Path:
         return self.cache_dir or self.area.root / "cache" / "features"
 
 
 # A kind runs with its validated config (an instance of its schema); an inspection returns
 # problems and advice about a config without doing the work.
-RunKind = Callable[[Any, StageContext], dict[str, Any]]
+RunKind = Callable[[Any, StageContext], RunOutcome]
 Inspect = Callable[[Any], list[ConfigError | Advice]]
 # Sibling jobs whose configs give equal keys can run in one pass (`run_many`); None: alone.
 BatchKey = Callable[[Any], Hashable | None]
 # Configs with equal batch keys, one context each -> each job's output, or the error that ends it.
-RunMany = Callable[[list[Any], list[StageContext]], list["dict[str, Any] | Exception"]]
+RunMany = Callable[[list[Any], list[StageContext]], list["RunOutcome | Exception"]]
 
 
 @dataclass(frozen=True)
@@ -654,7 +662,7 @@ def _run_kind(doc: dict[str, Any], stage: str, ctx: StageContext) -> None:
 
 
 def _has_result(doc: Mapping[str, Any], stage: str) -> bool:
-    return doc.get("result_stage") == stage and "result" in doc
+    return doc.get("result_stage") == stage and has_scores(doc)
 
 
 def _completed_call(doc: Mapping[str, Any], stage: str, device: str) -> tuple[JobKind, Section]:
@@ -671,14 +679,18 @@ def _no_exit() -> Iterator[None]:
 
 
 def _record_run(doc: dict[str, Any], stage: str, kind: JobKind, config: Section,
-                output: Mapping[str, Any], seconds: float, ctx: StageContext,
+                outcome: RunOutcome, seconds: float, ctx: StageContext,
                 batch: list[str] | None = None) -> None:
-    doc.update(output)
+    doc.update(outcome.scores)
+    # The time is the whole pass's when the job trained with siblings (`batch`).
+    doc["report"] = {**outcome.report,
+                     "timings": {**outcome.report.get("timings", {}), "total_s": round(seconds, 3)},
+                     **({"batch": {"jobs": list(batch)}} if batch else {})}
     # Exactly what ran: every key the kind read, defaults filled in, nothing it ignored.
     doc["run_config"] = {"kind": kind.name, **config.model_dump(mode="json")}
-    doc.setdefault("timings", {})["total_s"] = round(seconds, 3)
-    if batch:  # the time is the whole pass's, shared by these jobs
-        doc["batch"] = {"jobs": list(batch)}
+    artefacts = ctx.artefacts()
+    if artefacts:
+        doc["artefacts"] = artefacts
     doc["result_stage"] = stage
     doc["provenance"] = {**environment(ctx.device), "host": ctx.host, "runner": ctx.runner,
                          "finished_at": now_iso()}

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import math
@@ -41,7 +40,7 @@ from vtab.pipeline import (
 from vtab.provenance import now_iso
 from vtab.results import parse_sweep, sweep_scalars
 from vtab.schema import Field, Section
-from vtab.workarea import OUTPUTS, SUMMARIZED, WorkArea, describe_owner
+from vtab.workarea import SUMMARIZED, WorkArea, describe_owner
 
 log = logging.getLogger(__name__)
 NO_SWEEP_EVENTS = ("tensorboard is not installed: the checkpoint sweep is in summary.yaml only "
@@ -449,10 +448,4 @@ def _move_tree(area: WorkArea, root: Mapping[str, Any], folder: Path) -> None:
         if path.parent != jobs:
             os.replace(path, jobs / path.name)
             crash_point()
-    outputs = area.folder(OUTPUTS) / pipeline
-    if outputs.is_dir():
-        area.real_dir(outputs)  # a link planted there would move someone's files
-        target = area.real_dir(folder / "outputs")
-        for entry in outputs.iterdir():
-            with contextlib.suppress(OSError):  # already moved by an earlier attempt
-                os.replace(entry, target / entry.name)
+    area.summarize_outputs(pipeline)

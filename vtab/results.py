@@ -42,7 +42,8 @@ def one_per_pass(jobs: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     its record of features and time, which counts once."""
     passes: dict[tuple[str, ...], Mapping[str, Any]] = {}
     for job in jobs:
-        passes.setdefault(tuple(job.get("batch", {"jobs": [job["id"]]})["jobs"]), job)
+        batch = (job.get("report") or {}).get("batch", {"jobs": [job["id"]]})
+        passes.setdefault(tuple(batch["jobs"]), job)
     return list(passes.values())
 
 

@@ -522,6 +522,19 @@ class WorkArea:
             shutil.rmtree(target, ignore_errors=True)  # an earlier attempt's
             os.rename(staged, target)
 
+    def summarize_outputs(self, pipeline: str) -> Path:
+        """Move every finished job's outputs of `pipeline` into ``summarized/<p>/outputs/``,
+        where they stay; returns that folder. Moving again is harmless."""
+        target = self.real_dir(self.folder(SUMMARIZED) / checked_id(pipeline, "pipeline")
+                               / OUTPUTS)
+        outputs = self.folder(OUTPUTS) / pipeline
+        if outputs.is_dir():
+            self.real_dir(outputs)  # a link planted there would move someone's files
+            for entry in outputs.iterdir():
+                with contextlib.suppress(OSError):  # already moved by an earlier attempt
+                    os.replace(entry, target / entry.name)
+        return target
+
     @staticmethod
     def discard_outputs(claim_path: Path) -> None:
         """Remove what a claim (ours, or a dead runner's) staged and will never publish."""
@@ -529,6 +542,15 @@ class WorkArea:
 
     def requeue(self, claim: Claim, job_id: str | None = None) -> Path:
         return self.move(claim, self.root, job_id)
+
+
+def artefact_folders(root: Path, job_id: str) -> list[Path]:
+    """The folders under work area `root` that hold a finished job's artefacts (per-sample
+    tables, curves): ``outputs/<p>/<id>`` until its pipeline is summarized, then
+    ``summarized/<p>/outputs/<id>``. Read only: nothing is created."""
+    checked_id(job_id)
+    return sorted([*root.glob(f"{OUTPUTS}/*/{glob_escape(job_id)}"),
+                   *root.glob(f"{SUMMARIZED}/*/{OUTPUTS}/{glob_escape(job_id)}")])
 
 
 def _staged(claim_path: Path) -> Path:

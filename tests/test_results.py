@@ -411,3 +411,28 @@ def test_a_summary_of_a_grid_keeps_a_row_per_point_with_readable_labels(tmp_path
     assert rows == {"grid [sleep.result=0.25]": {"a": 0.25, "b": 0.25},
                     "grid [sleep.result=0.75]": {"a": 0.75, "b": 0.75}}
     assert "25.0±" not in render_text(table)  # no std where no seeds were averaged
+
+
+@pytest.mark.slow
+def test_the_backbones_pipeline_has_a_row_per_backbone(digits_root: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    from tests.conftest import drain
+    from vtab.workarea import SUMMARIZED, WorkArea
+
+    area = WorkArea(tmp_path / "work")
+    shutil.copy(REPO / "pipelines" / "workflows" / "backbones.yaml", area.root)
+    monkeypatch.setenv("VTAB1K_ROOT", str(digits_root))
+    monkeypatch.setenv("VTAB_DEBUG_EPOCHS", "2")
+    assert drain(area) == 0
+    loaded = load_summaries(area.folder(SUMMARIZED))
+    assert loaded.problems == []  # seeds keyed by number, inside rows too
+    table = build_table(loaded.results)
+    rows = {row.result.pipeline: row.result for row in table.rows}
+    assert sorted(rows) == ["backbones [backbone.name=resnet18]",
+                            "backbones [backbone.name=resnet34]"]
+    for name, result in rows.items():
+        assert result.backbone_label == f"{name.split('=')[1][:-1]} (none)"
+        assert sorted(result.scores) == ["digits", "digits_folders"]
+        assert all(score.std is not None for score in result.scores.values())  # 3 seeds

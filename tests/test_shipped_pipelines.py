@@ -17,7 +17,8 @@ SPLITS = ("train800", "val200", "train800val200", "test", "trainval")
 
 def stand_in_root(root: Path, pipeline: Path) -> Path:
     """A data root with every dataset the pipeline names, each split 300 lines of 10 classes."""
-    datasets = yamlio.load_mapping(pipeline)["stages"]["datasets"]["grid"]["dataset"]
+    stages = yamlio.load_mapping(pipeline)["stages"].values()
+    datasets = {name for stage in stages for name in stage.get("grid", {}).get("dataset", [])}
     lines = "".join(f"images/{i}.png {i % 10}\n" for i in range(300))
     for dataset in datasets:
         (root / dataset).mkdir(parents=True)

@@ -367,7 +367,8 @@ def summarize(doc: dict[str, Any], options: FromFork, ctx: StageContext) -> Fini
     for child in _children(doc, options, ctx):
         labels = {k: v for k, v in (child.get("labels") or {}).items() if k != "dataset"}
         groups.setdefault(repr(labels), (labels, []))[1].append(child)
-    rows = [{"labels": labels, "datasets": _datasets(doc, children)}
+    rows = [{"labels": labels, "datasets": _datasets(doc, children),
+             **_row_backbone(children)}
             for labels, children in groups.values()]
     config = doc.get("config", {})
     shared = _shared([entry.get("evaluated_on") or {}
@@ -377,9 +378,10 @@ def summarize(doc: dict[str, Any], options: FromFork, ctx: StageContext) -> Fini
         "finished_at": now_iso(),
         "metric": shared.get("metric"),  # what the table says it shows; null where they differ
         "split": shared.get("split"),
-        "backbone": config.get("backbone", {}),
+        "backbone": config.get("backbone", {}),  # a row's own, where its children share one
         # One row: its coordinates (if any) and datasets at the top, as a summary of datasets.
-        **({k: v for k, v in rows[0].items() if v} if len(rows) == 1 else {"rows": rows}),
+        **({k: v for k, v in rows[0].items() if v and k != "backbone"} if len(rows) == 1
+           else {"rows": rows}),
         **{key: doc[key] for key in ("sweep", "left_out") if key in doc},
     }
     folder = ctx.area.real_dir(ctx.area.folder(SUMMARIZED) / pipeline)
@@ -404,6 +406,14 @@ def _datasets(doc: Mapping[str, Any], children: list[dict[str, Any]]) -> dict[st
         [(get_path(c, "config.dataset", c["id"]), c["id"],
           {**{k: c[k] for k in SUMMARY_KEYS if k in c}, "evaluated_on": evaluated_on(c)})
          for c in children])
+
+
+def _row_backbone(children: list[dict[str, Any]]) -> dict[str, Any]:
+    """``{backbone: ...}`` when the children of a row share their config's backbone."""
+    found = {repr(get_path(c, "config.backbone", None)): get_path(c, "config.backbone", None)
+             for c in children}
+    (backbone,) = found.values() if len(found) == 1 else (None,)
+    return {"backbone": backbone} if backbone else {}
 
 
 def _shared(entries: list[Mapping[str, Any]]) -> dict[str, Any]:

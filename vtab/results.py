@@ -202,7 +202,10 @@ def _parse_summary(data: dict[str, Any], pipeline: str) -> list[PipelineResult]:
         where = f"rows[{index}]"
         if not isinstance(row, dict):
             raise ConfigError(where, f"expected a mapping, got {type(row).__name__}")
-        found += _row_results(data, pipeline, _get(row, "labels", dict, "a mapping", where, {}),
+        own = {"backbone": _get(row, "backbone", dict, "a mapping", where)} if row.get(
+            "backbone") is not None else {}
+        found += _row_results({**data, **own}, pipeline,
+                              _get(row, "labels", dict, "a mapping", where, {}),
                               _get(row, "datasets", dict, "a mapping of dataset name to "
                                                           "results", where),
                               f"{where}.datasets")

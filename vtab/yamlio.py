@@ -345,7 +345,10 @@ def _first_odd_key(value: Any, path: str, trail: tuple[Any, ...]) -> tuple[str, 
 def _keyed_by_value(trail: tuple[Any, ...]) -> bool:
     """Whether the mapping at `trail` is one that runners key by value: the aggregate processor
     records each seed's result under the seed itself, in its job (``seeds: {0: 0.91}``), and
-    summarize copies that into summary.yaml (``datasets: {<dataset>: {seeds: ...}}``)."""
+    summarize copies that into summary.yaml (``datasets: {<dataset>: {seeds: ...}}``, or the
+    same within each of its ``rows``)."""
+    if trail[:2] == ("rows", None):
+        trail = trail[2:]
     return trail == ("seeds",) or (len(trail) == 3 and trail[0] == "datasets"
                                    and isinstance(trail[1], str) and trail[2] == "seeds")
 

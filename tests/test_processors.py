@@ -169,3 +169,30 @@ def test_select_best_refuses_a_variant_without_its_setting(area: WorkArea, varia
     child["variants"]["odd"] = variant
     with pytest.raises(VtabError, match="variant 'odd' lacks the setting that selects it"):
         _run(area, "select_best", [child])
+
+
+def test_select_best_takes_the_mean_over_the_keys_it_is_told(area: WorkArea) -> None:
+    # Checkpoint b wins on average over the two tasks, though a is best on task x alone.
+    scores = {("a", "x"): 0.9, ("a", "y"): 0.2, ("b", "x"): 0.8, ("b", "y"): 0.6}
+    children = [_child(n, r, weights=w, dataset=d, seed=0)
+                for n, ((w, d), r) in enumerate(scores.items())]
+    doc = _run(area, "select_best", children, mean_over=["dataset"])
+    assert doc["selected"] == {"weights": "b"} and doc["config"] == {"weights": "b"}
+    assert [(row["setting"], row["mean"], row["n"]) for row in doc["tuning"]] == [
+        ({"weights": "a"}, pytest.approx(0.55), 2), ({"weights": "b"}, pytest.approx(0.7), 2)]
+
+
+def test_a_key_to_average_over_must_be_swept() -> None:
+    from vtab.pipeline import check_plan, prepare_root
+
+    root = prepare_root({
+        "current_stage": "tune", "config": {"sleep": {"result": 0.5}},
+        "stages": {"tune": {"grid": {"seed": [0, 1]}, "child_stage": "run",
+                            "next_stage": "best"},
+                   "run": {"hyperparams": {"kind": "sleep"}},
+                   "best": {"processor": {"kind": "select_best", "mean_over": ["dataset"]}}},
+    }, "p")
+    report = check_plan(root, 100, deep=False)
+    ((key, message),) = report.errors
+    assert key == "stages.best.processor.mean_over[0]"
+    assert "'dataset' is not swept by grid stage 'tune'" in message

@@ -222,3 +222,30 @@ def test_the_example_run_starts_from_the_random_backbone_and_learns(digits_root:
     for before, loaded, trained in weights.values():
         assert torch.equal(before, loaded)  # step 0 is `backbone.weights: none`
         assert not torch.allclose(loaded, trained)
+
+
+def test_a_sweep_reads_nan_runs_and_selects_as_its_mode_says() -> None:
+    from vtab.results import parse_sweep, sweep_scalars
+
+    points = [{"step": 0, "mean": 0.4, "std": 0.0, "n": 1},
+              {"step": 10, "mean": float("nan"), "std": float("nan"), "n": 1},
+              {"step": 20, "mean": 0.2, "std": 0.0, "n": 1}]
+    for mode, step in (("max", 0), ("min", 20)):
+        sweep = parse_sweep({"sweep": {"metric": "loss", "split": "val200", "mode": mode,
+                                       "points": points}}, "p")
+        assert sweep is not None and sweep.best() is not None and sweep.best().step == step
+    assert [step for _, _, step in sweep_scalars(sweep)] == [0, 20]  # no NaN event
+
+
+def test_written_again_a_run_holds_only_the_latest_events(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from vtab.events import write_scalars
+
+    write_scalars(tmp_path, [("top1/val200", 0.5, 0), ("top1/val200", 0.6, 10)])
+    write_scalars(tmp_path, [("top1/val200", 0.5, 0), ("top1/val200", 0.6, 10),
+                             ("top1/val200", 0.7, 20)])
+    assert len(list(tmp_path.glob("events.out.tfevents.*"))) == 1
+    logged = EventAccumulator(str(tmp_path))
+    logged.Reload()
+    assert [s.step for s in logged.Scalars("top1/val200")] == [0, 10, 20]

@@ -60,6 +60,9 @@ def test_each_epoch_augments_anew_repeatably_and_the_backbone_stays_frozen(
     (first,), (second,), (again,) = features(1), features(2), features(1)
     assert torch.equal(first, again)  # an epoch's augmentations are drawn from its seed
     assert not torch.allclose(first, second)  # and differ from epoch to epoch
+    workers = online.epoch_features(cfg, spec, split, 32, device="cpu", num_workers=2,
+                                    progress=False)
+    assert torch.equal(workers(2)[0], second)  # whatever the runner's DataLoader workers
     assert not built.model.training
     assert not any(p.requires_grad for p in built.model.parameters())
     for name, value in built.model.state_dict().items():  # BatchNorm statistics included
@@ -110,3 +113,13 @@ def test_an_export_is_offline(digits_root: Path) -> None:
                                 "backbone": {"name": "resnet18"},
                                 "features": {"mode": "online"}})
     assert info.value.key == "features" and "images as they are" in info.value.message
+
+
+def test_the_online_mode_with_a_null_augment_is_refused(digits_root: Path) -> None:
+    from vtab.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        parse_config(probe_config(digits_root, **{"features.mode": "online",
+                                                  "features.augment": None}))
+    assert info.value.key == "features.augment"
+    assert "must be a mapping in the online mode" in info.value.message

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -196,3 +197,62 @@ def test_a_key_to_average_over_must_be_swept() -> None:
     ((key, message),) = report.errors
     assert key == "stages.best.processor.mean_over[0]"
     assert "'dataset' is not swept by grid stage 'tune'" in message
+
+
+def test_a_setting_with_results_left_out_is_not_selected(area: WorkArea) -> None:
+    # Checkpoint b's probe on task y crashed (skip_crashed): its mean over x alone would win.
+    children = [_child(0, 0.5, weights="a", dataset="x", seed=0),
+                _child(1, 0.5, weights="a", dataset="y", seed=0),
+                _child(2, 0.9, weights="b", dataset="x", seed=0)]
+    doc = _run(area, "select_best", children, mean_over=["dataset"])
+    assert doc["selected"] == {"weights": "a"}
+    assert [row["n"] for row in doc["tuning"]] == [2, 1]
+
+
+def test_a_checkpoint_each_dataset_selects_stays_in_its_entry_not_a_row(
+        area: WorkArea) -> None:
+    children = [{**_child(n, 0.5 + n / 10, dataset=name), "labels": {"dataset": name,
+                                                                     "step": step},
+                 "selected_labels": {"step": step},
+                 "config": {"dataset": name, "backbone": {"name": "r", "weights": f"c{step}"}}}
+                for n, (name, step) in enumerate([("x", 100), ("y", 200)])]
+    _run(area, "summarize", children)
+    summary = yamlio.load_mapping(area.root / "summarized" / "p" / "summary.yaml")
+    assert "rows" not in summary and "labels" not in summary
+    assert {name: entry["selected_labels"] for name, entry in summary["datasets"].items()} == {
+        "x": {"step": 100}, "y": {"step": 200}}
+
+
+def test_one_row_names_the_backbone_its_jobs_ran_with(area: WorkArea) -> None:
+    children = [{**_child(n, 0.5, dataset=name), "labels": {"dataset": name},
+                 "config": {"dataset": name, "backbone": {"name": "resnet34"}}}
+                for n, name in enumerate(["x", "y"])]
+    _run(area, "summarize", children)  # the job's own config names no backbone
+    summary = yamlio.load_mapping(area.root / "summarized" / "p" / "summary.yaml")
+    assert summary["backbone"] == {"name": "resnet34"}
+
+
+def test_averaging_over_the_checkpoint_axis_records_no_sweep(area: WorkArea,
+                                                             tmp_path: Path) -> None:
+    for step in (0, 10):
+        (tmp_path / f"c_{step}.pth").write_bytes(b"w")
+    children = [_child(n, r, **{"backbone.weights": str(tmp_path / f"c_{s}.pth"), "lr": lr,
+                                "seed": 0})
+                for n, (s, lr, r) in enumerate([(0, 0.1, 0.5), (10, 0.1, 0.7), (0, 0.2, 0.6),
+                                                (10, 0.2, 0.6)])]
+    for child in children:
+        yamlio.write_mapping(area.folder(FINISHED) / f"{child['id']}.yaml",
+                             {"pipeline": "p", "parent": "p", **child})
+    doc = {"pipeline": "p", "id": "p", "current_stage": "step", "config": {},
+           "forks": {"tune": [c["id"] for c in children]},
+           "stages": {"tune": {"grid": {"backbone.weights": {
+                          "checkpoints": f"{tmp_path}/c_{{step}}.pth"}, "lr": [0.1, 0.2]},
+                               "child_stage": "x"},
+                      "step": {"processor": {"kind": "select_best",
+                                             "mean_over": ["backbone.weights"]}}}}
+    execute_stage(doc, StageContext(area=area))
+    assert doc["selected"] == {"lr": 0.1} and "sweep" not in doc
+    doc["stages"]["step"]["processor"] = "select_best"
+    execute_stage(doc, StageContext(area=area))
+    assert [(p["step"], p["mean"]) for p in doc["sweep"]["points"]] == [(0, 0.6), (10, 0.7)]
+    assert doc["labels"] == {"step": 10} and doc["sweep"]["mode"] == "max"

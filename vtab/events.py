@@ -15,9 +15,9 @@ NEEDS_TENSORBOARD = ("TensorBoard events need the tensorboard package, which is 
 _said: set[str] = set()
 
 
-def summary_writer(folder: Path, missing: str | None = None) -> Any:
-    """A writer of events into `folder`. Without the package: None, and `missing` said once per
-    process as a warning; with no `missing` message, an error."""
+def _writer_class(missing: str | None) -> Any:
+    """torch's SummaryWriter. Without the package: None, and `missing` said once per process
+    as a warning; with no `missing` message, an error."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
@@ -27,17 +27,20 @@ def summary_writer(folder: Path, missing: str | None = None) -> Any:
             log.warning(missing)
             _said.add(missing)
         return None
-    return SummaryWriter(log_dir=str(folder))
+    return SummaryWriter
 
 
 def write_scalars(folder: Path, scalars: Iterable[tuple[str, float, int]],
                   missing: str | None = None) -> bool:
-    """(tag, value, step) scalars as one run in `folder`; False where the package is missing
-    and `missing` was said instead."""
-    writer = summary_writer(folder, missing)
-    if writer is None:
+    """(tag, value, step) scalars as the one run in `folder`, in place of the events an
+    earlier write left there (TensorBoard would draw both); False where the package is
+    missing and `missing` was said instead."""
+    writer_class = _writer_class(missing)
+    if writer_class is None:
         return False
-    with writer:
+    for old in folder.glob("events.out.tfevents.*"):
+        old.unlink()
+    with writer_class(log_dir=str(folder)) as writer:
         for tag, value, step in scalars:
             writer.add_scalar(tag, value, step)
     return True

@@ -85,8 +85,9 @@ def projection(area: Path, job_id: str, out: Path, cache_dir: Path, method: str,
     from vtab.plots import scatter_png
 
     job = yamlio.load_mapping(job_file(area, job_id))
-    keys = {role: ((job.get("report") or {}).get("features") or {}).get(role, {}).get("keys", {})
-            for role in ("train", "eval")}
+    # Jobs finished before runs had a report kept `features` at their top.
+    features = (job.get("report") or job).get("features") or {}
+    keys = {role: features.get(role, {}).get("keys", {}) for role in ("train", "eval")}
     if not keys["eval"]:
         raise VtabError(f"{job_id} records no feature keys: not a linear_probe job?")
     if not keys["train"]:

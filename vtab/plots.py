@@ -77,13 +77,14 @@ def plot_sweeps(sweeps: list[Sweep], path: Path) -> None:
     figure, axes = plt.subplots(figsize=(7, 4.5))
     for sweep in sweeps:
         steps = [point.step for point in sweep.points]
-        means = np.array([percent(point.mean) for point in sweep.points])
+        means = np.array([percent(point.mean) for point in sweep.points])  # NaN: a gap
         stds = np.array([percent(point.std) or 0.0 for point in sweep.points])
         line, = axes.plot(steps, means, marker="o", markersize=4, label=sweep.pipeline)
         axes.fill_between(steps, means - stds, means + stds, color=line.get_color(), alpha=0.15)
-        best = int(np.argmax(means))
-        axes.plot([steps[best]], [means[best]], marker="*", markersize=14,
-                  color=line.get_color(), linestyle="none")
+        best = sweep.best()
+        if best is not None:
+            axes.plot([best.step], [percent(best.mean)], marker="*", markersize=14,
+                      color=line.get_color(), linestyle="none")
     shown = {f"{s.metric or 'result'} on {s.split or 'an unrecorded split'}" for s in sweeps}
     axes.set_title(f"{'; '.join(sorted(shown))} per checkpoint (star: the best)",
                    fontsize="medium")

@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 NO_SWEEP_EVENTS = ("tensorboard is not installed: the checkpoint sweep is in summary.yaml only "
                    "(pip install 'vtab[tensorboard]' for TensorBoard events)")
 SUMMARY_KEYS = ("result", "std", "seeds", "metrics", "variants", "evaluated_on", "selected",
-                "selected_on", "tuning")
+                "selected_labels", "selected_on", "tuning")
 
 
 def _where(doc: Mapping[str, Any]) -> str:
@@ -273,7 +273,14 @@ def select_best(doc: dict[str, Any], options: SelectBestOptions, ctx: StageConte
     for setting, values in groups.values():
         mean, std = _mean_std(values)
         tuning.append({"setting": setting, "mean": mean, "std": std, "n": len(values)})
-    ranked = [row for row in tuning if not math.isnan(row["mean"])]
+    # Children left out (crashed, skip_crashed) leave a setting fewer values: a mean over
+    # fewer seeds or tasks does not compare, and is not selected.
+    most = max(row["n"] for row in tuning)
+    ranked = [row for row in tuning if not math.isnan(row["mean"]) and row["n"] == most]
+    if len(ranked) < len([row for row in tuning if not math.isnan(row["mean"])]):
+        log.warning("%s: settings with fewer than %d results are not selected: %s",
+                    doc["id"], most, "; ".join(repr(row["setting"]) for row in tuning
+                                                if row["n"] < most))
     if not ranked:
         raise VtabError(f"{_where(doc)}: the mean {metric} of every setting is NaN; "
                         "there is nothing to select")
@@ -284,17 +291,18 @@ def select_best(doc: dict[str, Any], options: SelectBestOptions, ctx: StageConte
                           "metric": how["metric"] if metric == "result" else metric}
     doc["tuning"] = tuning
     grid = _read_stage(doc, options)
-    sweep = _sweep(doc, grid, tuning, higher)
+    sweep = _sweep(doc, grid, tuning, higher, _averaged(options))
     if sweep:
-        doc["sweep"] = {"grid_stage": grid, **doc["selected_on"], "points": sweep}
+        doc["sweep"] = {"grid_stage": grid, **doc["selected_on"], "mode": options.mode,
+                        "points": sweep}
     apply_selection(doc, grid, best["setting"])
 
 
-def _sweep(doc: Mapping[str, Any], grid: str, tuning: list[dict[str, Any]],
-           higher: bool) -> list[dict[str, Any]]:
-    """For a grid with a checkpoint axis: each step's best mean (over the other settings),
-    by step; else nothing."""
-    axes = checkpoint_axes(doc, grid)
+def _sweep(doc: Mapping[str, Any], grid: str, tuning: list[dict[str, Any]], higher: bool,
+           averaged: set[str]) -> list[dict[str, Any]]:
+    """For a grid with a checkpoint axis (not one averaged over): each step's best mean (over
+    the other settings), by step; else nothing."""
+    axes = {k: v for k, v in checkpoint_axes(doc, grid).items() if k not in averaged}
     if not axes:
         return []
     key, axis = next(iter(axes.items()))
@@ -365,7 +373,11 @@ def summarize(doc: dict[str, Any], options: FromFork, ctx: StageContext) -> Fini
     pipeline = doc["pipeline"]
     groups: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = {}
     for child in _children(doc, options, ctx):
-        labels = {k: v for k, v in (child.get("labels") or {}).items() if k != "dataset"}
+        # A row is a grid point besides the dataset; a checkpoint each dataset's job selected
+        # for itself is said in its entry (selected_labels), not made a row of its own.
+        own = child.get("selected_labels") or {}
+        labels = {k: v for k, v in (child.get("labels") or {}).items()
+                  if k != "dataset" and k not in own}
         groups.setdefault(repr(labels), (labels, []))[1].append(child)
     rows = [{"labels": labels, "datasets": _datasets(doc, children),
              **_row_backbone(children)}
@@ -378,7 +390,8 @@ def summarize(doc: dict[str, Any], options: FromFork, ctx: StageContext) -> Fini
         "finished_at": now_iso(),
         "metric": shared.get("metric"),  # what the table says it shows; null where they differ
         "split": shared.get("split"),
-        "backbone": config.get("backbone", {}),  # a row's own, where its children share one
+        # The backbone the children ran with where they share one (each row's, with rows).
+        "backbone": rows[0].get("backbone", config.get("backbone", {})),
         # One row: its coordinates (if any) and datasets at the top, as a summary of datasets.
         **({k: v for k, v in rows[0].items() if v and k != "backbone"} if len(rows) == 1
            else {"rows": rows}),
@@ -387,13 +400,13 @@ def summarize(doc: dict[str, Any], options: FromFork, ctx: StageContext) -> Fini
     folder = ctx.area.real_dir(ctx.area.folder(SUMMARIZED) / pipeline)
     _move_tree(ctx.area, doc, folder)
     yamlio.write_mapping(folder / "summary.yaml", summary)
-    sweep = parse_sweep(summary, pipeline)
-    if sweep is not None:  # beside the jobs' curves: tensorboard --logdir summarized/<p>
-        try:
+    try:  # beside the jobs' curves: tensorboard --logdir summarized/<p>
+        sweep = parse_sweep(summary, pipeline)
+        if sweep is not None:
             write_scalars(folder / "tensorboard" / "sweep", sweep_scalars(sweep),
                           NO_SWEEP_EVENTS)
-        except OSError as exc:  # a by-product: the summary stands
-            log.warning("the checkpoint sweep's events of %s not written: %s", pipeline, exc)
+    except Exception as exc:  # a by-product: the summary stands
+        log.warning("the checkpoint sweep's events of %s not written: %s", pipeline, exc)
     return Finish(f"{SUMMARIZED}/{pipeline}/jobs")
 
 

@@ -42,7 +42,8 @@ def one_per_pass(jobs: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     its record of features and time, which counts once."""
     passes: dict[tuple[str, ...], Mapping[str, Any]] = {}
     for job in jobs:
-        batch = (job.get("report") or {}).get("batch", {"jobs": [job["id"]]})
+        # Jobs finished before runs had a report kept `batch` at their top.
+        batch = (job.get("report") or job).get("batch", {"jobs": [job["id"]]})
         passes.setdefault(tuple(batch["jobs"]), job)
     return list(passes.values())
 
@@ -96,6 +97,14 @@ class Sweep:
     metric: str | None
     split: str | None
     points: tuple[SweepPoint, ...]
+    higher_is_better: bool = True
+
+    def best(self) -> SweepPoint | None:
+        """The step the sweep selects by (ties: the first); None if every mean is NaN."""
+        scored = [point for point in self.points if not math.isnan(point.mean)]
+        if not scored:
+            return None
+        return (max if self.higher_is_better else min)(scored, key=lambda point: point.mean)
 
 
 @dataclass
@@ -181,12 +190,16 @@ def parse_sweep(data: dict[str, Any], pipeline: str) -> Sweep | None:
         if not isinstance(point, dict):
             raise ConfigError(where, f"expected a mapping, got {type(point).__name__}")
         step = _get(point, "step", int, "a whole number", where)
-        points.append(SweepPoint(step, _fraction(point, "mean", where, _REQUIRED),
-                                 None if point.get("n") == 1 else
+        nan = isinstance(point.get("mean"), float) and math.isnan(point["mean"])  # a NaN run
+        points.append(SweepPoint(step, math.nan if nan else _fraction(point, "mean", where,
+                                                                      _REQUIRED),
+                                 None if nan or point.get("n") == 1 else
                                  _fraction(point, "std", where, None),
                                  str(_get(point, "checkpoint", str, "a path", where, ""))))
+    mode = _get(sweep, "mode", str, "max or min", "sweep", "max")
     return Sweep(pipeline, _get(sweep, "metric", str, "a string", "sweep", None),
-                 _get(sweep, "split", str, "a string", "sweep", None), tuple(points))
+                 _get(sweep, "split", str, "a string", "sweep", None), tuple(points),
+                 higher_is_better=mode != "min")
 
 
 def _parse_summary(data: dict[str, Any], pipeline: str) -> list[PipelineResult]:
@@ -627,7 +640,8 @@ def _write_sweeps(sweeps: list[Sweep], steps_path: Path | None,
 def sweep_scalars(sweep: Sweep) -> list[tuple[str, float, int]]:
     """(tag, value, step) of a sweep: its metric on its split, per step."""
     tag = f"{sweep.metric or 'result'}/{sweep.split or 'eval'}"
-    return [(tag, point.mean, point.step) for point in sweep.points]
+    return [(tag, point.mean, point.step) for point in sweep.points
+            if not math.isnan(point.mean)]
 
 
 def _write(path: Path, text: str) -> bool:

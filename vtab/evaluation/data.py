@@ -553,11 +553,17 @@ def targets(split: Split, num_classes: int) -> torch.Tensor:
 
 class ImageSplit(Dataset):
     """The images of a `Split` as (transform(RGB image), label, index) triples; the label is -1
-    for multi-label splits (their labels come from `targets`)."""
+    for multi-label splits (their labels come from `targets`).
 
-    def __init__(self, split: Split, transform: Callable[[Image.Image], Any]) -> None:
+    With a `seed`, a random transform (an augmentation) of image i draws from torch's CPU
+    generator seeded by (seed, i): the same for an image whatever the DataLoader's workers and
+    batches, and the caller's generator is left as it was."""
+
+    def __init__(self, split: Split, transform: Callable[[Image.Image], Any],
+                 seed: int | None = None) -> None:
         self.split = split
         self.transform = transform
+        self.seed = seed
         self.inside = split.folder.resolve()  # where every image must lie, links followed
 
     def __len__(self) -> int:
@@ -566,7 +572,12 @@ class ImageSplit(Dataset):
     def __getitem__(self, index: int) -> tuple[Any, int, int]:
         path, label = self.split.entries[index]
         plain = label if isinstance(label, int) else -1
-        return self.transform(self._rgb(self.split.folder / path)), plain, index
+        image = self._rgb(self.split.folder / path)
+        if self.seed is None:
+            return self.transform(image), plain, index
+        with torch.random.fork_rng(devices=[]):
+            torch.random.default_generator.manual_seed((self.seed * 1_000_003 + index) % 2**63)
+            return self.transform(image), plain, index
 
     def _rgb(self, file: Path) -> Image.Image:
         where = f"image {file} (listed in {self.split.file})"

@@ -63,6 +63,7 @@ class AugmentedTransform:
     scale: tuple[float, float]
     ratio: tuple[float, float]
     horizontal_flip: bool
+    seed: int = 0  # each image's draws come from (seed, its index): vary it per epoch
 
     def build(self) -> transforms.Compose:
         size = (self.base.image_size, self.base.image_size)
@@ -129,7 +130,8 @@ def extract_features(model: nn.Module, layers: Sequence[LayerConfig], source: So
     dev = setup.device
     model = model.to(dev, memory_format=setup.memory_format)
     extractor = LayerExtractor(model, layers, source)
-    loader = DataLoader(ImageSplit(split, transform.build()), batch_size=batch_size,
+    seed = transform.seed if isinstance(transform, AugmentedTransform) else None
+    loader = DataLoader(ImageSplit(split, transform.build(), seed), batch_size=batch_size,
                         shuffle=False, num_workers=num_workers, pin_memory=dev.type == "cuda")
     chunks: dict[str, list[torch.Tensor]] = {layer.label(): [] for layer in layers}
     indices = []

@@ -3,9 +3,9 @@ epoch by the frozen backbone.
 
 Frozen means frozen: the backbone is built in eval mode with gradients off (`build_backbone`)
 and every forward runs under inference mode, so BatchNorm uses, and keeps, its stored
-statistics; with augmentation off, each epoch's features are the offline ones. Each epoch's
-augmentations are drawn from a generator seeded by the job's seed and the epoch, so a run is
-repeatable (with DataLoader workers too: their seeds derive from it).
+statistics; with augmentation off, each epoch's features are the offline ones. An image's
+augmentation in an epoch is drawn from a generator seeded by the job's seed, the epoch and the
+image's index, so a run repeats exactly, whatever the runner's DataLoader workers.
 """
 
 from __future__ import annotations
@@ -29,31 +29,31 @@ from vtab.evaluation.schemas import LinearProbeConfig
 EpochFeatures = Callable[[int], list[torch.Tensor]]
 
 
-def augmented_transform(cfg: LinearProbeConfig, image_size: int) -> AugmentedTransform:
+def augmented_transform(cfg: LinearProbeConfig, image_size: int,
+                        epoch: int) -> AugmentedTransform:
+    """The transform of an epoch's training images; its draws are seeded by the job's seed,
+    the epoch and each image's index."""
     augment = cfg.features.augment
     if augment is None:
         raise ValueError("the online mode needs features.augment")
     return AugmentedTransform(TransformSpec(image_size), augment.random_resized_crop,
                               tuple(augment.scale), tuple(augment.ratio),
-                              augment.horizontal_flip)
+                              augment.horizontal_flip, seed=cfg.seed * 100_003 + epoch)
 
 
 def epoch_features(cfg: LinearProbeConfig, spec: BackboneSpec, split: Split, image_size: int,
                    *, device: str, num_workers: int, progress: bool) -> EpochFeatures:
     """A function giving each epoch's features of `split`: one forward of every image per
     epoch, all layers of `features.layers` at once; the backbone is built on the first call."""
-    transform = augmented_transform(cfg, image_size)
     backbone = functools.cache(functools.partial(build_backbone, spec))
     layers = cfg.features.layers
 
     def features(epoch: int) -> list[torch.Tensor]:
-        with torch.random.fork_rng(devices=[]):  # the augmentations' own, repeatable draws
-            torch.manual_seed(cfg.seed * 1_000_003 + epoch)
-            found = extract_features(
-                backbone().model, layers, source_of(spec), split, transform,
-                batch_size=cfg.features.batch_size, num_workers=num_workers, device=device,
-                precision=resolve_precision(cfg.features.precision, device),
-                progress=progress)
+        found = extract_features(
+            backbone().model, layers, source_of(spec), split,
+            augmented_transform(cfg, image_size, epoch), batch_size=cfg.features.batch_size,
+            num_workers=num_workers, device=device,
+            precision=resolve_precision(cfg.features.precision, device), progress=progress)
         return [found[layer.label()].float() for layer in layers]
 
     return features

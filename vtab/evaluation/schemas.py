@@ -245,6 +245,9 @@ class FeaturesConfig(Section):
     def _augment_is_read(self) -> FeaturesConfig:
         if self.mode == "offline" and self.augment is not None:
             raise invalid("augment", "is read only with features.mode online")
+        if self.mode == "online" and self.augment is None:
+            raise invalid("augment", "must be a mapping in the online mode (leave it out for "
+                                     "the default augmentation)")
         return self
 
     @model_serializer(mode="wrap")

@@ -114,3 +114,23 @@ def test_a_job_of_several_variants_projects_the_one_named(digits_root: Path, tmp
         marks = [row["correct"] for row in csv.DictReader(handle)]
     with (area.root / "outputs" / "k" / "k" / "val200_k_10_predictions.csv").open() as handle:
         assert marks == [row["correct"] for row in csv.DictReader(handle)]
+
+
+def test_umap_without_umap_learn_says_how_to_get_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    import builtins
+
+    from vtab.errors import VtabError
+    from vtab.evaluation.projection import project
+
+    real = builtins.__import__
+
+    def without_umap(name: str, *args: object, **kwargs: object) -> object:
+        if name == "umap":
+            raise ImportError("No module named 'umap'")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", without_umap)
+    points = np.zeros((4, 3))
+    with pytest.raises(VtabError, match="needs umap-learn, which is not installed: pip install "
+                                        "umap-learn"):
+        project(points, points, "umap")

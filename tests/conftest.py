@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,18 @@ def drain(area: WorkArea, **settings: Any) -> int:
     defaults: dict[str, Any] = {"lease_timeout": 5.0, "settle_time": 0.0, "poll_interval": 0.05,
                                 "sweep_interval": 0.05, "idle_limit": 60.0, "progress": False}
     return Runner(area, RunnerSettings(**{**defaults, **settings}), "cpu", "test-runner").run()
+
+
+def drain_shipped(folder: Path, pipeline: str, data_root: Path, monkeypatch: pytest.MonkeyPatch,
+                  epochs: int) -> tuple[WorkArea, int]:
+    """A work area in `folder` with the shipped `pipelines/<pipeline>` queued, on the datasets
+    of `data_root` and `epochs` epochs (VTAB_DEBUG_EPOCHS), drained by one runner; the area and
+    the runner's exit code."""
+    monkeypatch.setenv("VTAB1K_ROOT", str(data_root))
+    monkeypatch.setenv("VTAB_DEBUG_EPOCHS", str(epochs))
+    area = WorkArea(folder)
+    shutil.copy(REPO / "pipelines" / pipeline, area.root)
+    return area, drain(area)
 
 
 @pytest.fixture(scope="session", autouse=True)

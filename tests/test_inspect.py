@@ -40,16 +40,11 @@ def test_an_unknown_job_is_named(tmp_path: Path, capsys: pytest.CaptureFixture) 
 def test_a_projection_of_a_finished_job(digits_root: Path, tmp_path: Path,
                                         monkeypatch: pytest.MonkeyPatch,
                                         capsys: pytest.CaptureFixture) -> None:
-    import shutil
+    from tests.conftest import drain_shipped
 
-    from tests.conftest import REPO, drain
-    from vtab.workarea import WorkArea
-
-    monkeypatch.setenv("VTAB1K_ROOT", str(digits_root))
-    monkeypatch.setenv("VTAB_DEBUG_EPOCHS", "3")
-    area = WorkArea(tmp_path / "work")
-    shutil.copy(REPO / "pipelines" / "debug" / "debug.yaml", area.root)
-    assert drain(area) == 0
+    area, code = drain_shipped(tmp_path / "work", "debug/debug.yaml", digits_root, monkeypatch,
+                               epochs=3)
+    assert code == 0
     job = "debug__digits__final__seed=0"
     out_name = str(tmp_path / "p.lr0.1")
     assert main([job, "--work_area", str(area.root), "--projection", out_name]) == 0

@@ -4,14 +4,13 @@ a backbone that stays frozen (eval mode: BatchNorm neither uses nor updates batc
 from __future__ import annotations
 
 import csv
-import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from tests.conftest import REPO, drain
+from tests.conftest import drain_shipped
 from tests.test_evaluation import probe_config
 from vtab import yamlio
 from vtab.evaluation import online
@@ -19,7 +18,7 @@ from vtab.evaluation.backbones import build_backbone, resolve_backbone
 from vtab.evaluation.data import open_split
 from vtab.evaluation.features import TransformSpec, extract_features
 from vtab.evaluation.probe import parse_config, run_linear_probe, run_linear_probes
-from vtab.workarea import SUMMARIZED, WorkArea
+from vtab.workarea import SUMMARIZED
 
 NO_AUGMENTATION = {"random_resized_crop": False, "horizontal_flip": False}
 
@@ -87,11 +86,9 @@ def test_online_siblings_trained_in_one_pass_equal_each_alone(digits_root: Path,
 def test_the_online_pipeline_runs_through_the_work_area(digits_root: Path,
                                                        tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    area = WorkArea(tmp_path / "work")
-    shutil.copy(REPO / "pipelines" / "workflows" / "online_linear.yaml", area.root)
-    monkeypatch.setenv("VTAB1K_ROOT", str(digits_root))
-    monkeypatch.setenv("VTAB_DEBUG_EPOCHS", "3")
-    assert drain(area) == 0
+    area, code = drain_shipped(tmp_path / "work", "workflows/online_linear.yaml", digits_root,
+                               monkeypatch, epochs=3)
+    assert code == 0
     summary: dict[str, Any] = yamlio.load_mapping(
         area.folder(SUMMARIZED) / "online_linear" / "summary.yaml")
     assert summary["datasets"]["digits"]["result"] > 0.5  # ten classes: chance 0.1

@@ -416,16 +416,12 @@ def test_a_summary_of_a_grid_keeps_a_row_per_point_with_readable_labels(tmp_path
 @pytest.mark.slow
 def test_the_backbones_pipeline_has_a_row_per_backbone(digits_root: Path, tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    import shutil
+    from tests.conftest import drain_shipped
+    from vtab.workarea import SUMMARIZED
 
-    from tests.conftest import drain
-    from vtab.workarea import SUMMARIZED, WorkArea
-
-    area = WorkArea(tmp_path / "work")
-    shutil.copy(REPO / "pipelines" / "workflows" / "backbones.yaml", area.root)
-    monkeypatch.setenv("VTAB1K_ROOT", str(digits_root))
-    monkeypatch.setenv("VTAB_DEBUG_EPOCHS", "2")
-    assert drain(area) == 0
+    area, code = drain_shipped(tmp_path / "work", "workflows/backbones.yaml", digits_root,
+                               monkeypatch, epochs=2)
+    assert code == 0
     loaded = load_summaries(area.folder(SUMMARIZED))
     assert loaded.problems == []  # seeds keyed by number, inside rows too
     table = build_table(loaded.results)

@@ -19,7 +19,6 @@ import os
 import statistics
 import sys
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, Literal
 
 from vtab import yamlio
@@ -398,7 +397,7 @@ def summarize(doc: dict[str, Any], options: FromFork, ctx: StageContext) -> Fini
         **{key: doc[key] for key in ("sweep", "left_out") if key in doc},
     }
     folder = ctx.area.real_dir(ctx.area.folder(SUMMARIZED) / pipeline)
-    _move_tree(ctx.area, doc, folder)
+    _move_tree(ctx.area, doc)
     yamlio.write_mapping(folder / "summary.yaml", summary)
     try:  # beside the jobs' curves: tensorboard --logdir summarized/<p>
         sweep = parse_sweep(summary, pipeline)
@@ -444,8 +443,9 @@ def _forked(job: Mapping[str, Any]) -> list[tuple[str, str]]:
             if c not in left_out]
 
 
-def _move_tree(area: WorkArea, root: Mapping[str, Any], folder: Path) -> None:
-    """Move all descendants of `root` (and their outputs) from finished/ into `folder`.
+def _move_tree(area: WorkArea, root: Mapping[str, Any]) -> None:
+    """Move all descendants of `root` from finished/ into ``summarized/<p>/jobs``, and their
+    outputs beside.
 
     Only the root's own descendants, each once: a child is followed only if its id was
     reserved for the job that forked it (files planted in finished/ lead nowhere).

@@ -181,6 +181,7 @@ def _read(path: Path) -> tuple[list[PipelineResult], Sweep | None]:
 
 
 def parse_sweep(data: dict[str, Any], pipeline: str) -> Sweep | None:
+    """The ``sweep`` of a summary, if it has one (a NaN run's mean stays NaN)."""
     sweep = _get(data, "sweep", dict, "a mapping", default=None)
     if sweep is None:
         return None
@@ -628,10 +629,11 @@ def _write_sweeps(sweeps: list[Sweep], steps_path: Path | None,
             steps_path.parent.mkdir(parents=True, exist_ok=True)
             plot_sweeps(sweeps, steps_path)
             print(f"wrote {steps_path}", file=sys.stderr)
-        for sweep in sweeps if tensorboard_dir is not None else []:
-            run = tensorboard_dir / f"vtab_{sweep.pipeline}"
-            write_scalars(run, sweep_scalars(sweep))
-            print(f"wrote {run}", file=sys.stderr)
+        if tensorboard_dir is not None:
+            for sweep in sweeps:
+                run = tensorboard_dir / f"vtab_{sweep.pipeline}"
+                write_scalars(run, sweep_scalars(sweep))
+                print(f"wrote {run}", file=sys.stderr)
     except (VtabError, OSError) as exc:
         return _fail(str(exc))
     return 0

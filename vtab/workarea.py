@@ -522,9 +522,9 @@ class WorkArea:
             shutil.rmtree(target, ignore_errors=True)  # an earlier attempt's
             os.rename(staged, target)
 
-    def summarize_outputs(self, pipeline: str) -> Path:
+    def summarize_outputs(self, pipeline: str) -> None:
         """Move every finished job's outputs of `pipeline` into ``summarized/<p>/outputs/``,
-        where they stay; returns that folder. Moving again is harmless."""
+        where they stay. Moving again is harmless."""
         target = self.real_dir(self.folder(SUMMARIZED) / checked_id(pipeline, "pipeline")
                                / OUTPUTS)
         outputs = self.folder(OUTPUTS) / pipeline
@@ -533,7 +533,6 @@ class WorkArea:
             for entry in outputs.iterdir():
                 with contextlib.suppress(OSError):  # already moved by an earlier attempt
                     os.replace(entry, target / entry.name)
-        return target
 
     @staticmethod
     def discard_outputs(claim_path: Path) -> None:

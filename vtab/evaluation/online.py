@@ -11,7 +11,6 @@ image's index, so a run repeats exactly, whatever the runner's DataLoader worker
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 
 import torch
 
@@ -23,10 +22,8 @@ from vtab.evaluation.features import (
     extract_features,
     resolve_precision,
 )
+from vtab.evaluation.heads.trainer import EpochFeatures
 from vtab.evaluation.schemas import LinearProbeConfig
-
-# epoch (from 1) -> each layer's features [N, D] of the split's images, augmented anew
-EpochFeatures = Callable[[int], list[torch.Tensor]]
 
 
 def augmented_transform(cfg: LinearProbeConfig, image_size: int,

@@ -9,7 +9,7 @@ epochs given here. The naive way, measured in the same run, is the same protocol
 claim (``--max_batch 1``). Reported for each: wall time and how the runners' time divides into
 feature extraction, head training (and scoring) and the rest (the queue, forks, joins, starting
 up and waiting: the protocol's own cost); backbone forwards per distinct image; each runner's
-peak resident memory.
+peak resident memory when its first and its last job ended (from the jobs' provenance).
 
     python bench/protocol.py                                  # CPU: resnet18 at 32 px, factor 0.02
     python bench/protocol.py --factor 1 --backbone vit_b_16 --image_size 224 --epochs 100 \\
@@ -27,7 +27,6 @@ import argparse
 import io
 import os
 import platform
-import re
 import subprocess
 import sys
 import tempfile
@@ -59,7 +58,6 @@ TASKS = {
     "dsprites_loc": (16, 73728), "dsprites_ori": (16, 73728), "smallnorb_azi": (18, 12150),
     "smallnorb_ele": (9, 12150),
 }
-RUNNER_LINE = re.compile(r"runner (\S+): .* peak memory (\d+) MiB")
 
 
 def jpeg(rng: np.random.Generator, size: int) -> bytes:
@@ -109,7 +107,7 @@ class Run:
     forwards: int
     passes: int
     jobs: int
-    peaks_mib: dict[str, int]
+    peaks_mib: dict[str, tuple[int, int, int]]  # runner: peak at its first job, its last, jobs
 
 
 def training_jobs(area: Path) -> Iterator[dict[str, Any]]:
@@ -139,8 +137,17 @@ def drain(area: Path, doc: dict[str, Any], args: argparse.Namespace, max_batch: 
                sum(t["train_s"] + t["eval_s"] for t in timings),
                sum(role["forwarded"] for job in passes
                    for role in job["report"]["features"].values()),
-               len(passes), len(jobs),
-               {m[1]: int(m[2]) for m in RUNNER_LINE.finditer(done.stderr)})
+               len(passes), len(jobs), peaks(jobs))
+
+
+def peaks(jobs: list[dict[str, Any]]) -> dict[str, tuple[int, int, int]]:
+    """Each runner's peak resident memory when its first and its last job ended (a process's
+    peak only grows, so they are the least and the greatest), and its number of jobs."""
+    seen: dict[str, list[int]] = {}
+    for job in jobs:
+        seen.setdefault(job["provenance"]["runner"], []).append(
+            job["provenance"]["runner_peak_memory_mib"])
+    return {runner: (min(mib), max(mib), len(mib)) for runner, mib in seen.items()}
 
 
 def report(name: str, run: Run, runners: int, images: int) -> None:
@@ -151,8 +158,10 @@ def report(name: str, run: Run, runners: int, images: int) -> None:
     for part, seconds in (("extraction", run.extraction_s), ("heads", run.training_s),
                           ("queue, forks, start, idle", rest)):
         print(f"  {part:<26} {seconds:>8.1f} runner-s {100 * seconds / runner_s:>5.1f}%")
-    print(f"  forwards per image {run.forwards / images:.2f}; peak memory per runner "
-          + ", ".join(f"{mib} MiB" for mib in sorted(run.peaks_mib.values())))
+    memory = ", ".join(f"{first} and {last} MiB ({jobs} jobs)"
+                       for first, last, jobs in sorted(run.peaks_mib.values()))
+    print(f"  forwards per image {run.forwards / images:.2f}; peak memory per runner at its "
+          f"first job and its last: {memory}")
 
 
 def main() -> None:

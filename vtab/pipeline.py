@@ -31,7 +31,7 @@ from vtab.checkpoints import CheckpointAxis, is_checkpoint_axis
 from vtab.config import delete_path, flat_entries, merged, resolve_env, set_path
 from vtab.errors import Advice, ConfigError, VtabError, did_you_mean
 from vtab.outcome import RunOutcome, has_scores
-from vtab.provenance import environment, now_iso
+from vtab.provenance import environment, now_iso, peak_memory_mib
 from vtab.registry import Registry
 from vtab.schema import Section
 from vtab.schema import validate as validate_schema
@@ -692,8 +692,11 @@ def _record_run(doc: dict[str, Any], stage: str, kind: JobKind, config: Section,
     if artefacts:
         doc["artefacts"] = artefacts
     doc["result_stage"] = stage
+    # The runner's peak so far, not this job's own: a peak that grows with the jobs a runner
+    # has run (rather than with the largest split) shows here.
     doc["provenance"] = {**environment(ctx.device), "host": ctx.host, "runner": ctx.runner,
-                         "finished_at": now_iso()}
+                         "finished_at": now_iso(),
+                         "runner_peak_memory_mib": round(peak_memory_mib())}
 
 
 def batch_key(doc: Mapping[str, Any], device: str) -> Hashable | None:

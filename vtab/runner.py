@@ -12,10 +12,8 @@ import contextlib
 import functools
 import logging
 import os
-import resource
 import signal
 import socket
-import sys
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterator, Mapping
@@ -123,12 +121,6 @@ class RunnerSettings:
         """The settings this runner asks of the work area (those given)."""
         wanted = {"lease_timeout": self.lease_timeout, "settle_time": self.settle_time}
         return {key: value for key, value in wanted.items() if value is not None}
-
-
-def peak_memory_mib() -> float:
-    """This process's peak resident memory (Linux reports KiB, macOS bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (2**20 if sys.platform == "darwin" else 2**10)
 
 
 class Looks:
@@ -249,7 +241,8 @@ class Runner:
             # The last line: what this runner did with its time (an allocation's, under SLURM).
             log.info("runner %s: %d job(s) run, %d claim(s); busy %.0f s, idle %.0f s of %.0f s; "
                      "peak memory %.0f MiB", self.id, self.jobs_done, self.claims,
-                     self.busy_seconds, up - self.busy_seconds, up, peak_memory_mib())
+                     self.busy_seconds, up - self.busy_seconds, up,
+                     provenance.peak_memory_mib())
             self.heartbeat.stop()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)

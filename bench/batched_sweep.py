@@ -40,7 +40,9 @@ from vtab.fsutil import atomic_write  # noqa: E402
 from vtab.results import one_per_pass  # noqa: E402
 
 CLASSES, SIZE = 100, 16  # 3 x 16 x 16 = 768 features
+DIM = 3 * SIZE * SIZE
 SPLIT_SIZES = {"train800": 800, "val200": 200, "test": 100}
+JOBS, SEEDS, BATCH = 24, 2, 128  # the grid below; heads of one seed form one wide layer
 TOLERANCE = 1e-5
 BACKBONE = {"name": "torch.nn:Flatten", "source": "module", "weights": "none"}
 
@@ -74,7 +76,7 @@ def pipeline(root: Path, epochs: int) -> dict[str, Any]:
                    "features": {"image_size": SIZE, "batch_size": 256, "precision": "fp32"},
                    "head": {"kind": "linear", "feature_norm": "standardize"},
                    "optim": {"name": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 0.0,
-                             "epochs": epochs, "batch_size": 128, "warmup_epochs": 5},
+                             "epochs": epochs, "batch_size": BATCH, "warmup_epochs": 5},
                    "seed": 0, "metric": "top1"},
         "stages": {
             "tune": {"grid": {"optim.lr": [0.001, 0.003, 0.01, 0.03, 0.1, 0.3],
@@ -112,6 +114,39 @@ def drain(area: Path, doc: dict[str, Any], cache: Path, devices: str,
                    {job["id"]: job["result"] for job in jobs})
 
 
+def arithmetic_floor(devices: list[str], epochs: int) -> tuple[float, float]:
+    """The runner-seconds that the heads' matrix products alone take, however they are
+    batched: per head and epoch, a forward and a weight gradient over every training row
+    (4 x rows x DIM x CLASSES FLOPs). The rate is measured here on one pass's shapes (a batch of
+    rows against every head of one seed), with each runner's share of the CPU threads; returns
+    the seconds and the rate in GFLOP/s."""
+    import torch
+
+    device = "cpu" if devices[0] == "cpu" else f"cuda:{devices[0]}"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // len(devices)))
+    try:
+        rows = torch.randn(BATCH, DIM, device=device)
+        weight = torch.randn(DIM, JOBS // SEEDS * CLASSES, device=device)
+        grad = torch.randn(BATCH, weight.shape[1], device=device)
+        reps = 200
+        for _round in ("warm-up", "timed"):  # the last one counts
+            if device != "cpu":
+                torch.cuda.synchronize()
+            started = time.perf_counter()
+            for _ in range(reps):
+                rows @ weight
+                rows.T @ grad
+            if device != "cpu":
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - started
+    finally:
+        torch.set_num_threads(threads)
+    rate = reps * 4 * BATCH * DIM * weight.shape[1] / seconds
+    flops = 4 * SPLIT_SIZES["train800"] * DIM * CLASSES * epochs * JOBS
+    return flops / rate, rate / 1e9
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--devices", default="cpu,cpu", help="the runners' devices")
@@ -132,8 +167,9 @@ def main() -> None:
         vtab = drain(Path(tmp) / "vtab", doc, cache, args.devices, max_batch=64)
         shutil.rmtree(data)
     ours, theirs = vtab.results, naive.results
-    if len(ours) != 24 or set(ours) != set(theirs):
-        raise SystemExit(f"expected the same 24 jobs both ways, got {len(ours)} and {len(theirs)}")
+    if len(ours) != JOBS or set(ours) != set(theirs):
+        raise SystemExit(f"expected the same {JOBS} jobs both ways, got {len(ours)} and "
+                         f"{len(theirs)}")
     gap = max(abs(ours[job] - theirs[job]) for job in ours)
     print(f"jobs: {len(ours)}; best val200 top-1 {max(ours.values()):.3f}; "
           f"max |result batched - result alone| {gap:.1e}")
@@ -143,6 +179,11 @@ def main() -> None:
     for name, way in (("one job per claim", naive), ("siblings in one pass", vtab)):
         print(f"{name:<22} {way.passes:>7} {way.training_s:>11.1f} {way.wall_s:>8.1f} "
               f"{len(ours) / way.wall_s:>8.2f}")
+    floor, gflops = arithmetic_floor(args.devices.split(","), args.epochs)
+    print(f"arithmetic floor: the heads' matrix products alone take {floor:.1f} runner-s at "
+          f"{gflops:.0f} GFLOP/s (measured here, a runner's threads), so no batching makes "
+          f"training more than {naive.training_s / floor:.1f}x faster than one job per claim "
+          "on these devices")
     print(f"ratio (one job per claim / batched): {naive.training_s / vtab.training_s:.1f}x "
           f"training time in jobs, {naive.wall_s / vtab.wall_s:.1f}x wall time")
 

@@ -66,3 +66,12 @@ def test_atomic_write_must_exist_leaves_no_temporary_file(tmp_path: Path) -> Non
     target.write_text("x: 0\n")
     fsutil.atomic_write(target, "x: 1\n", must_exist=True)
     assert _files(tmp_path) == ["job.yaml"] and target.read_text() == "x: 1\n"
+
+
+def test_atomic_write_all_renames_only_once_every_file_is_written(tmp_path: Path) -> None:
+    files = [(tmp_path / f"{name}.yaml", name) for name in ("a", "b")]
+    fsutil.atomic_write_all(files)
+    assert _files(tmp_path) == ["a.yaml", "b.yaml"] and (tmp_path / "b.yaml").read_text() == "b"
+    with pytest.raises(FileNotFoundError):  # the second file cannot be written
+        fsutil.atomic_write_all([(tmp_path / "c.yaml", "c"), (tmp_path / "gone" / "d.yaml", "d")])
+    assert _files(tmp_path) == ["a.yaml", "b.yaml"]  # c was never renamed in; no temporary left

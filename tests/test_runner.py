@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +17,7 @@ from vtab import yamlio
 from vtab.errors import RunnerEnvironmentError
 from vtab.launch.local import worst_exit_code
 from vtab.outcome import RunOutcome
-from vtab.pipeline import StageContext, register_kind
+from vtab.pipeline import KINDS, StageContext, register_kind
 from vtab.runner import BLOCKED_EXIT, CRASHED_EXIT
 from vtab.schema import Section
 from vtab.workarea import CRASHED, FINISHED, RUNNING, SUMMARIZED, WAITING, Claim, WorkArea
@@ -294,3 +297,19 @@ def test_a_name_reused_by_a_file_of_that_name_is_checked_too(area: WorkArea) -> 
 ])
 def test_the_supervisor_reports_the_worst_runner(codes: list[int], worst: int) -> None:
     assert worst_exit_code(codes) == worst
+
+
+def test_an_idle_runner_warms_up_the_kinds_that_jobs_running_elsewhere_name(
+        area: WorkArea, monkeypatch: pytest.MonkeyPatch) -> None:
+    warmed: list[str] = []
+    for name in ("sleep", "linear_probe"):  # linear_probe's warm-up would import torch
+        kind = KINDS.get(name)
+        monkeypatch.setitem(KINDS._entries, name,
+                            dataclasses.replace(kind, warm=functools.partial(warmed.append, name)))
+    claim = area.claim(queue(area, toy_pipeline()))  # forking elsewhere, say
+    assert claim is not None
+    drain(area, idle_limit=0.3)
+    deadline = time.monotonic() + 10  # the warm-up thread started before the runner stopped
+    while not warmed and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert warmed == ["sleep"]  # once, though idle many times; no job names linear_probe

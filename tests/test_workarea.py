@@ -10,7 +10,15 @@ from pathlib import Path
 import pytest
 
 from vtab import fsutil, yamlio
-from vtab.workarea import FINISHED, RUNNING, LeaseLost, LeaseWatcher, WorkArea, is_valid_id
+from vtab.workarea import (
+    FINISHED,
+    RUNNING,
+    IdTaken,
+    LeaseLost,
+    LeaseWatcher,
+    WorkArea,
+    is_valid_id,
+)
 
 
 def _queue_job(area: WorkArea, job_id: str) -> Path:
@@ -127,16 +135,40 @@ def test_lease_watcher_judges_by_its_own_observation(area: WorkArea) -> None:
 OWNER = {"pipeline": "p", "parent": "p"}
 
 
+def test_create_queues_jobs_together_and_reserves_every_id_first(
+        area: WorkArea, monkeypatch: pytest.MonkeyPatch) -> None:
+    jobs = {job_id: {"id": job_id, "pipeline": "p"} for job_id in ("a", "b", "c")}
+    assert area.reserve("c", {"pipeline": "other"}) is None
+    with pytest.raises(IdTaken):
+        area.create(jobs, OWNER)
+    assert area.queued() == []  # nothing queued: the taken id was found before any write
+    del jobs["c"]
+    queue_at_first_rename: list[list[str]] = []
+    replace = os.replace
+
+    def watched(src: object, dst: object) -> None:
+        if not queue_at_first_rename:
+            queue_at_first_rename.append(sorted(p.name for p in area.root.iterdir()
+                                                if p.name.endswith(".tmp")))
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", watched)
+    assert area.create(jobs, OWNER) == ["a", "b"]
+    # Both files were written before the first appeared in the queue.
+    assert [name.split(".")[1] for name in queue_at_first_rename[0]] == ["a", "b"]
+    assert sorted(p.name for p in area.queued()) == ["a.yaml", "b.yaml"]
+
+
 def test_locate_and_create(area: WorkArea) -> None:
-    assert area.create("a", {"id": "a", "pipeline": "p"}, OWNER)
-    assert not area.create("a", {"id": "a", "pipeline": "p"}, OWNER)  # a retried fork
+    assert area.create({"a": {"id": "a", "pipeline": "p"}}, OWNER) == ["a"]
+    assert area.create({"a": {"id": "a", "pipeline": "p"}}, OWNER) == []  # a retried fork
     assert area.locate("a") == area.root / "a.yaml"
     claim = area.claim(area.root / "a.yaml")
     assert claim is not None
     assert area.locate("a") == claim.path
     area.move(claim, FINISHED)
     assert area.locate("a") == area.folder(FINISHED) / "a.yaml"
-    assert not area.create("a", {"id": "a", "pipeline": "p"}, OWNER)  # finished: existing
+    assert area.create({"a": {"id": "a", "pipeline": "p"}}, OWNER) == []  # finished: existing
     jobs = area.summarized_jobs("p")
     jobs.mkdir(parents=True)
     os.replace(area.folder(FINISHED) / "a.yaml", jobs / "a.yaml")

@@ -10,6 +10,7 @@ import os
 import re
 import sys
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -111,14 +112,8 @@ def atomic_write(path: Path, data: bytes | str, *, durable: bool = True,
     (FileNotFoundError if it is gone). On failure the temporary file is removed
     and `path` is left as it was.
     """
-    payload = data.encode("utf-8") if isinstance(data, str) else data
-    tmp = temp_path_for(path)
+    tmp = _written_temp(path, data, durable)
     try:
-        with open(tmp, "wb") as handle:
-            handle.write(payload)
-            if durable:
-                handle.flush()
-                os.fsync(handle.fileno())
         if must_exist:
             replace_existing(tmp, path)
         else:
@@ -127,6 +122,42 @@ def atomic_write(path: Path, data: bytes | str, *, durable: bool = True,
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+
+
+def atomic_write_all(files: Sequence[tuple[Path, bytes | str]], *, durable: bool = True) -> None:
+    """`atomic_write` for several files, renamed into place only once all are written: a
+    reader scanning their folder sees them appear a rename apart, not a write and a flush
+    apart. On failure the files not yet renamed are left as they were."""
+    temps: list[tuple[Path, Path]] = []
+    renamed = 0
+    try:
+        for path, data in files:
+            temps.append((_written_temp(path, data, durable), path))
+        for tmp, path in temps:
+            os.replace(tmp, path)
+            renamed += 1
+    except BaseException:
+        for tmp, _ in temps[renamed:]:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        raise
+
+
+def _written_temp(path: Path, data: bytes | str, durable: bool) -> Path:
+    """A temporary file beside `path` holding `data` (removed again if writing fails)."""
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    tmp = temp_path_for(path)
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(payload)
+            if durable:
+                handle.flush()
+                os.fsync(handle.fileno())
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    return tmp
 
 
 def append_line(path: Path | str, line: str) -> None:

@@ -18,6 +18,20 @@ from vtab.pipeline import RunMany, StageContext, register_kind
 from vtab.schema import Field, Section
 
 
+def _import_probe() -> ModuleType:
+    """Import the evaluation engine (and torch) only when a job needs it, or will soon (an
+    idle runner warming up while another forks the jobs it may claim)."""
+    try:
+        from vtab.evaluation import probe
+    except (ImportError, RuntimeError) as exc:
+        raise RunnerEnvironmentError(
+            f"the evaluation engine cannot be imported: {type(exc).__name__}: {exc}. If it "
+            "says 'operator torchvision::nms does not exist', torch and torchvision are builds "
+            "that do not match: reinstall both in one command without an exact torch pin "
+            "(see SETUP_ENV.md).") from exc
+    return probe
+
+
 def _inspect_linear_probe(config: LinearProbeConfig) -> list[ConfigError | Advice]:
     return _import_probe().inspect(config)
 
@@ -71,7 +85,7 @@ def _one(run_many: RunMany, config: Any, ctx: StageContext) -> RunOutcome:
 
 @register_kind("linear_probe", LinearProbeConfig, inspect=_inspect_linear_probe,
                complete=_complete_linear_probe, batch_key=_linear_probe_batch_key,
-               run_many=_linear_probes)
+               run_many=_linear_probes, warm=_import_probe)
 def linear_probe(config: LinearProbeConfig, ctx: StageContext) -> RunOutcome:
     """Frozen backbone features (cached) of one or more layers, and a head trained on each."""
     return _one(_linear_probes, config, ctx)
@@ -88,19 +102,6 @@ def _check_trusted(config: LinearProbeConfig, trusted: tuple[str, ...]) -> None:
                                            "it with --module_backbones naming that module (or "
                                            f"a package above it); trusted now: "
                                            f"{', '.join(trusted) or 'none'}")
-
-
-def _import_probe() -> ModuleType:
-    """Import the evaluation engine (and torch) only when a job needs it."""
-    try:
-        from vtab.evaluation import probe
-    except (ImportError, RuntimeError) as exc:
-        raise RunnerEnvironmentError(
-            f"the evaluation engine cannot be imported: {type(exc).__name__}: {exc}. If it "
-            "says 'operator torchvision::nms does not exist', torch and torchvision are builds "
-            "that do not match: reinstall both in one command without an exact torch pin "
-            "(see SETUP_ENV.md).") from exc
-    return probe
 
 
 LOG_DIR = "VTAB_SLEEP_LOG_DIR"  # where the runner's operator lets sleep jobs append their logs

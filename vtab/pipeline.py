@@ -145,6 +145,9 @@ class JobKind:
     complete: Callable[[Any, str], Any] | None = None  # (config, device) -> config
     batch_key: BatchKey | None = None
     run_many: RunMany | None = None
+    # Imports what the kind's runs need (torch, for the evaluation kinds), so that a runner can
+    # do it while idle rather than when its first job of the kind is in hand.
+    warm: Callable[[], object] | None = None
 
 
 KINDS: Registry[JobKind] = Registry("job kind", "hyperparams.kind")
@@ -155,12 +158,14 @@ def register_kind(name: str, schema: type[Section], *,
                   complete: Callable[[Any, str], Any] | None = None,
                   batch_key: BatchKey | None = None,
                   run_many: RunMany | None = None,
+                  warm: Callable[[], object] | None = None,
                   ) -> Callable[[RunKind], RunKind]:
     if (batch_key is None) != (run_many is None):
         raise ValueError(f"job kind {name}: batch_key and run_many come together")
 
     def add(run: RunKind) -> RunKind:
-        KINDS.register(name)(JobKind(name, schema, run, inspect, complete, batch_key, run_many))
+        KINDS.register(name)(JobKind(name, schema, run, inspect, complete, batch_key, run_many,
+                                     warm))
         return run
 
     return add
@@ -337,6 +342,15 @@ def processor_call(stage: str, body: Any) -> tuple[ProcessorKind, Section]:
     options = {k: v for k, v in body.items() if k != "kind"} if isinstance(body, Mapping) else {}
     return processor, validate_schema(processor.options, options,
                                       prefix=f"stages.{stage}.processor")
+
+
+def kinds_named(doc: Mapping[str, Any]) -> set[str]:
+    """The job kinds that a job's hyperparams stages name (registered or not)."""
+    stages = doc.get("stages")
+    specs = stages.values() if isinstance(stages, Mapping) else []
+    return {spec["hyperparams"]["kind"] for spec in specs
+            if isinstance(spec, Mapping) and isinstance(spec.get("hyperparams"), Mapping)
+            and isinstance(spec["hyperparams"].get("kind"), str)}
 
 
 def kind_call(doc: Mapping[str, Any], stage: str) -> tuple[JobKind, Section]:
@@ -623,8 +637,8 @@ def _fork(doc: dict[str, Any], stage: str, ctx: StageContext) -> Outcome:
             raise ConfigError(f"stages.{stage}.grid", f"would fork {child['id']!r}, which already "
                                                       f"names {describe_owner(held)} in this "
                                                       "work area; nothing was forked")
-    for child in children:
-        ctx.area.create(child["id"], child, owner)  # a retried fork skips existing children
+    # A retried fork skips the children that exist.
+    ctx.area.create({child["id"]: child for child in children}, owner)
     _note_forked(ctx.area, doc)
     ids = [c["id"] for c in children]
     doc.setdefault("forks", {})[stage] = ids

@@ -27,6 +27,7 @@ from vtab.claims import ClaimHandle
 from vtab.errors import RunnerEnvironmentError, VtabError
 from vtab.pipeline import (
     DEFAULT_MAX_GRID_POINTS,
+    KINDS,
     Advance,
     Finish,
     Outcome,
@@ -35,6 +36,7 @@ from vtab.pipeline import (
     execute_batch,
     execute_stage,
     join,
+    kinds_named,
     missing_children,
 )
 from vtab.workarea import (
@@ -56,6 +58,7 @@ from vtab.workarea import (
 log = logging.getLogger("vtab.runner")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 DEFAULT_MAX_BATCH = 64
+WARM_LOOK_INTERVAL = 1.0  # seconds between an idle runner's looks for job kinds to warm up
 # Exit codes (README, "Exit codes"); a stop signal N gives 128 + N.
 DRAINED_EXIT = 0  # everything this runner worked on ended finished or summarized
 CANNOT_RUN_EXIT = 2  # this runner cannot run jobs here (devices, install, storage); bad arguments
@@ -222,6 +225,8 @@ class Runner:
         self._parents: dict[str, tuple[str, Any]] = {}
         self._batch_limit = settings.max_batch  # halved after a pass the device could not run
         self._looks = Looks()  # files looked at without a claim (waiting parents, siblings)
+        self._warmed: set[str] = set()  # job kinds whose code this runner imported, or is
+        self._next_warm_look = 0.0
         self.jobs_done = 0
         self.claims = 0
         self.busy_seconds = 0.0  # time spent on claimed jobs
@@ -266,12 +271,38 @@ class Runner:
                 log.info("work area drained after %d jobs of this runner: nothing queued, "
                          "running or waiting; exiting", self.jobs_done)
                 break
+            self._warm_up()
             limit = self.settings.idle_limit
             if limit is not None and time.monotonic() - idle_since > limit:
                 log.info("no work for %.0f s (--idle_limit); exiting", limit)
                 break
             self._pause(self.settings.poll_interval)
         return self._exit_code(blocked=False)
+
+    def _warm_up(self) -> None:
+        """While idle, import in the background the code of the job kinds that jobs running or
+        waiting elsewhere name. Importing torch takes seconds: a runner that starts it only
+        when a fork's children reach the queue holds the one child it claimed meanwhile, while
+        other runners take its siblings into their passes (rule 9a)."""
+        cold = {name for name, kind in KINDS.items() if kind.warm is not None} - self._warmed
+        if not cold or time.monotonic() < self._next_warm_look:
+            return
+        self._next_warm_look = time.monotonic() + WARM_LOOK_INTERVAL
+        named: set[str] = set()
+        for folder in (RUNNING, WAITING):
+            for path in self.area.listing(folder):
+                with contextlib.suppress(Exception):  # gone or unreadable: nothing to learn
+                    named |= kinds_named(self._looks.read(path))
+        for name in sorted(cold & named):
+            self._warmed.add(name)
+            threading.Thread(target=self._warm, args=(name,), daemon=True,
+                             name=f"warm-{name}").start()
+
+    def _warm(self, kind: str) -> None:
+        try:
+            KINDS.get(kind).warm()
+        except Exception as exc:  # the first job of the kind meets the same error and says it
+            log.debug("warming up job kind %s failed: %s", kind, exc)
 
     def _exit_code(self, blocked: bool) -> int:
         """What happened, the worst first: a stop signal, a runner that cannot run jobs here,

@@ -293,23 +293,30 @@ class WorkArea:
 
     # -- creating ----------------------------------------------------------
 
-    def create(self, job_id: str, content: dict[str, Any], owner: Mapping[str, Any]) -> bool:
-        """Queue a new job unless a job with this id exists anywhere.
+    def create(self, jobs: Mapping[str, dict[str, Any]], owner: Mapping[str, Any]) -> list[str]:
+        """Queue new jobs (id -> content), except those whose id exists anywhere; returns the
+        ids queued.
 
-        The id is reserved for `owner` first (`reserve`); an id reserved for someone else is
-        an `IdTaken` error. Only the holder of the parent job creates its children, so the
-        check and the write do not race with each other.
+        Every id is reserved for `owner` first (`reserve`); an id reserved for someone else is
+        an `IdTaken` error, before any job is queued. Only the holder of the parent job creates
+        its children, so the check and the write do not race with each other. The files are
+        written, then renamed into the queue together: a runner that claims the first child
+        finds its siblings there to run in one pass with it (rule 9a), not only those written
+        so far.
         """
-        held = self.reserve(job_id, owner)
-        if held is not None and held != dict(owner):
-            raise IdTaken(job_id, held)
-        if self.locate(job_id, content.get("pipeline")) is not None:
-            return False
-        target = self.root / (job_id + SUFFIX)
-        with _storage("write", target):
-            yamlio.write_mapping(target, content)
-        crash_point()
-        return True
+        new: dict[str, dict[str, Any]] = {}
+        for job_id, content in jobs.items():
+            held = self.reserve(job_id, owner)
+            if held is not None and held != dict(owner):
+                raise IdTaken(job_id, held)
+            if self.locate(job_id, content.get("pipeline")) is None:
+                new[job_id] = content
+        if new:
+            with _storage("write new jobs into", self.root):
+                yamlio.write_mappings([(self.root / (job_id + SUFFIX), content)
+                                       for job_id, content in new.items()])
+            crash_point()
+        return list(new)
 
     # -- identities --------------------------------------------------------
 

@@ -12,6 +12,7 @@ import errno
 import os
 import re
 import stat
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -21,7 +22,7 @@ from yaml.events import AliasEvent, CollectionStartEvent, Event, MappingStartEve
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from vtab.errors import VtabError
-from vtab.fsutil import atomic_write
+from vtab.fsutil import atomic_write, atomic_write_all
 
 # libyaml's parser and emitter when PyYAML was built with them: several times faster.
 _BaseLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -378,12 +379,21 @@ def dump(data: dict[str, Any]) -> str:
 def write_mapping(path: Path, data: dict[str, Any], *, must_exist: bool = False) -> None:
     """Write `data` atomically; a document no reader would take (over MAX_FILE_BYTES) is
     refused here, so that a runner never writes a job that it could not read back."""
+    atomic_write(path, _writable(path, data), must_exist=must_exist)
+
+
+def write_mappings(files: Sequence[tuple[Path, dict[str, Any]]]) -> None:
+    """`write_mapping` for several new files, renamed into place together (`atomic_write_all`)."""
+    atomic_write_all([(path, _writable(path, data)) for path, data in files])
+
+
+def _writable(path: Path, data: dict[str, Any]) -> str:
     text = dump(data)
     if len(text.encode("utf-8")) > MAX_FILE_BYTES:
         raise YamlFileError(f"{path}: the job would be larger than {MAX_FILE_BYTES // 2**20} MiB "
                             "once written, the most a job file may hold (a grid too large for "
                             "one job? split it)")
-    atomic_write(path, text, must_exist=must_exist)
+    return text
 
 
 def _where(exc: yaml.YAMLError) -> str:

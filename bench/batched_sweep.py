@@ -180,10 +180,10 @@ def main() -> None:
         print(f"{name:<22} {way.passes:>7} {way.training_s:>11.1f} {way.wall_s:>8.1f} "
               f"{len(ours) / way.wall_s:>8.2f}")
     floor, gflops = arithmetic_floor(args.devices.split(","), args.epochs)
-    print(f"arithmetic floor: the heads' matrix products alone take {floor:.1f} runner-s at "
-          f"{gflops:.0f} GFLOP/s (measured here, a runner's threads), so no batching makes "
-          f"training more than {naive.training_s / floor:.1f}x faster than one job per claim "
-          "on these devices")
+    print(f"arithmetic floor: the heads' matrix products alone take about {floor:.1f} runner-s "
+          f"at {gflops:.0f} GFLOP/s (measured here, a runner's threads): at that rate, batching "
+          f"alone makes training at most {naive.training_s / floor:.1f}x faster than one job per "
+          "claim on these devices")
     print(f"ratio (one job per claim / batched): {naive.training_s / vtab.training_s:.1f}x "
           f"training time in jobs, {naive.wall_s / vtab.wall_s:.1f}x wall time")
 

@@ -9,7 +9,8 @@ epochs given here. The naive way, measured in the same run, is the same protocol
 claim (``--max_batch 1``). Reported for each: wall time and how the runners' time divides into
 feature extraction, head training (and scoring) and the rest (the queue, forks, joins, starting
 up and waiting: the protocol's own cost); backbone forwards per distinct image; each runner's
-peak resident memory when its first and its last job ended (from the jobs' provenance).
+peak resident memory when its first and its last training job ended (from the jobs'
+provenance).
 
     python bench/protocol.py                                  # CPU: resnet18 at 32 px, factor 0.02
     python bench/protocol.py --factor 1 --backbone vit_b_16 --image_size 224 --epochs 100 \\
@@ -141,8 +142,9 @@ def drain(area: Path, doc: dict[str, Any], args: argparse.Namespace, max_batch: 
 
 
 def peaks(jobs: list[dict[str, Any]]) -> dict[str, tuple[int, int, int]]:
-    """Each runner's peak resident memory when its first and its last job ended (a process's
-    peak only grows, so they are the least and the greatest), and its number of jobs."""
+    """Each runner's peak resident memory when its first and its last training job ended (a
+    process's peak only grows, so they are the least and the greatest), and its number of
+    training jobs."""
     seen: dict[str, list[int]] = {}
     for job in jobs:
         seen.setdefault(job["provenance"]["runner"], []).append(

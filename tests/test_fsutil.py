@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import os
 from pathlib import Path
 
 import pytest
@@ -75,3 +76,24 @@ def test_atomic_write_all_renames_only_once_every_file_is_written(tmp_path: Path
     with pytest.raises(FileNotFoundError):  # the second file cannot be written
         fsutil.atomic_write_all([(tmp_path / "c.yaml", "c"), (tmp_path / "gone" / "d.yaml", "d")])
     assert _files(tmp_path) == ["a.yaml", "b.yaml"]  # c was never renamed in; no temporary left
+
+
+def test_atomic_write_all_keeps_what_it_renamed_when_a_rename_fails(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    replace, renames = os.replace, []
+
+    def second_fails(src: object, dst: object) -> None:
+        renames.append(dst)
+        if len(renames) == 2:
+            raise OSError(errno.EIO, "injected")
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", second_fails)
+    checkpoints: list[list[str]] = []
+    with pytest.raises(OSError):
+        fsutil.atomic_write_all([(tmp_path / "a.yaml", "a"), (tmp_path / "b.yaml", "b")],
+                                checkpoint=lambda: checkpoints.append(_files(tmp_path)))
+    assert _files(tmp_path) == ["a.yaml"]  # renamed before the failure; b's temporary removed
+    assert [len(seen) for seen in checkpoints] == [2, 2]  # both written; then a in, b's temp
+    assert fsutil.temp_target(fsutil.temp_path_for(tmp_path / "c.yaml").name) == "c.yaml"
+    assert fsutil.temp_target("c.yaml") is None

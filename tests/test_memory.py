@@ -18,8 +18,10 @@ from vtab.fsutil import atomic_write
 REPO = Path(__file__).resolve().parent.parent
 DATASETS, TRAIN, EVAL, SIZE = 6, 250, 60, 128
 FEATURE_MIB = (TRAIN + EVAL) * 3 * SIZE * SIZE * 4 / 2**20  # one dataset's float32 features
-# A peak that grows by this much over the run means the runner keeps what earlier jobs loaded.
-ALLOWED_GROWTH_MIB = 2 * FEATURE_MIB
+# A peak that grows by this much after the second job means the runner keeps what earlier
+# jobs loaded. (It often rises once, at the second job, by up to about 65 MiB in the runs
+# tried, and then stays put.)
+ALLOWED_GROWTH_MIB = 1.5 * FEATURE_MIB
 
 
 def write_datasets(root: Path) -> None:
@@ -41,7 +43,7 @@ def write_datasets(root: Path) -> None:
 
 @pytest.mark.slow
 def test_peak_memory_does_not_grow_with_the_jobs_run(tmp_path: Path) -> None:
-    assert (DATASETS - 1) * FEATURE_MIB > 2 * ALLOWED_GROWTH_MIB  # keeping them would show
+    assert (DATASETS - 2) * FEATURE_MIB > 2 * ALLOWED_GROWTH_MIB  # keeping them would show
     data = tmp_path / "data"
     write_datasets(data)
     doc = {"name": "memory", "current_stage": "datasets",
@@ -69,6 +71,6 @@ def test_peak_memory_does_not_grow_with_the_jobs_run(tmp_path: Path) -> None:
     assert len({job["provenance"]["runner"] for job in jobs}) == 1
     # A process's peak only grows: the least is the first job's, the greatest the last's.
     peaks = sorted(job["provenance"]["runner_peak_memory_mib"] for job in jobs)
-    assert peaks[-1] - peaks[0] < ALLOWED_GROWTH_MIB, (
-        f"the runner's peak grew from {peaks[0]} to {peaks[-1]} MiB over {DATASETS} jobs of "
-        f"{FEATURE_MIB:.0f} MiB of features each: {peaks}")
+    assert peaks[-1] - peaks[1] < ALLOWED_GROWTH_MIB, (
+        f"the runner's peak grew from {peaks[1]} to {peaks[-1]} MiB over its last "
+        f"{DATASETS - 2} jobs of {FEATURE_MIB:.0f} MiB of features each: {peaks}")

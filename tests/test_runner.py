@@ -6,19 +6,19 @@ import dataclasses
 import functools
 import os
 import signal
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.conftest import TOY_JOBS_PER_DATASET, drain, queue, toy_pipeline
+from vtab import runner as runner_module
 from vtab import yamlio
 from vtab.errors import RunnerEnvironmentError
 from vtab.launch.local import worst_exit_code
 from vtab.outcome import RunOutcome
 from vtab.pipeline import KINDS, StageContext, register_kind
-from vtab.runner import BLOCKED_EXIT, CRASHED_EXIT
+from vtab.runner import BLOCKED_EXIT, CRASHED_EXIT, Looks, Runner, RunnerSettings
 from vtab.schema import Section
 from vtab.workarea import CRASHED, FINISHED, RUNNING, SUMMARIZED, WAITING, Claim, WorkArea
 
@@ -299,17 +299,39 @@ def test_the_supervisor_reports_the_worst_runner(codes: list[int], worst: int) -
     assert worst_exit_code(codes) == worst
 
 
-def test_an_idle_runner_warms_up_the_kinds_that_jobs_running_elsewhere_name(
+def test_an_idle_runner_imports_ahead_the_kinds_that_jobs_running_or_waiting_name(
         area: WorkArea, monkeypatch: pytest.MonkeyPatch) -> None:
     warmed: list[str] = []
-    for name in ("sleep", "linear_probe"):  # linear_probe's warm-up would import torch
+    for name in ("sleep", "linear_probe"):  # linear_probe's own warm-up imports torch
         kind = KINDS.get(name)
         monkeypatch.setitem(KINDS._entries, name,
                             dataclasses.replace(kind, warm=functools.partial(warmed.append, name)))
+    monkeypatch.setattr(runner_module, "WARM_LOOK_INTERVAL", 0.0)  # a look every idle poll
     claim = area.claim(queue(area, toy_pipeline()))  # forking elsewhere, say
     assert claim is not None
     drain(area, idle_limit=0.3)
-    deadline = time.monotonic() + 10  # the warm-up thread started before the runner stopped
-    while not warmed and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert warmed == ["sleep"]  # once, though idle many times; no job names linear_probe
+    assert warmed == ["sleep"]  # once, though looked for at every poll; no job names the other
+    doc = toy_pipeline()
+    doc["stages"]["train_test"]["hyperparams"]["kind"] = "linear_probe"
+    yamlio.write_mapping(area.folder(WAITING) / "later.yaml", {**doc, "id": "later"})
+    runner = Runner(area, RunnerSettings(), "cpu", "idle")
+    runner._warm_up()
+    assert warmed == ["sleep", "linear_probe", "sleep"]  # a new runner: both, in name order
+    runner._warm_up()
+    assert len(warmed) == 3
+
+
+def test_a_look_at_an_unreadable_file_is_paid_once_per_version(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "planted.yaml"
+    path.write_text("[not, a, mapping]\n")
+    parses: list[Path] = []
+    load = yamlio.load_mapping
+    monkeypatch.setattr(yamlio, "load_mapping", lambda p: parses.append(p) or load(p))
+    looks = Looks()
+    for _ in range(3):
+        with pytest.raises(yamlio.YamlFileError):
+            looks.read(path)
+    assert parses == [path]
+    path.write_text("id: fixed\n")  # a new version is read again
+    assert looks.read(path) == {"id": "fixed"} and parses == [path, path]

@@ -143,6 +143,9 @@ def test_create_queues_jobs_together_and_reserves_every_id_first(
         area.create(jobs, OWNER)
     assert area.queued() == []  # nothing queued: the taken id was found before any write
     del jobs["c"]
+    # Left by a fork killed between its writes and its renames: this fork's are removed.
+    for name in ("a.yaml", "other.yaml"):
+        (area.root / f".{name}.0123456789ab.tmp").write_text("half")
     queue_at_first_rename: list[list[str]] = []
     replace = os.replace
 
@@ -154,9 +157,10 @@ def test_create_queues_jobs_together_and_reserves_every_id_first(
 
     monkeypatch.setattr(os, "replace", watched)
     assert area.create(jobs, OWNER) == ["a", "b"]
-    # Both files were written before the first appeared in the queue.
-    assert [name.split(".")[1] for name in queue_at_first_rename[0]] == ["a", "b"]
+    # Both files were written before the first appeared in the queue; a's stale one was gone.
+    assert [name.split(".")[1] for name in queue_at_first_rename[0]] == ["a", "b", "other"]
     assert sorted(p.name for p in area.queued()) == ["a.yaml", "b.yaml"]
+    assert [p.name for p in area.root.glob(".*.tmp")] == [".other.yaml.0123456789ab.tmp"]
 
 
 def test_locate_and_create(area: WorkArea) -> None:

@@ -10,7 +10,7 @@ import os
 import re
 import sys
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -22,6 +22,16 @@ def temp_path_for(path: Path) -> Path:
     folder scans that look for ``*.yaml`` never pick it up.
     """
     return path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+
+
+_TEMP_NAME = re.compile(r"\.(.+)\.[0-9a-f]{12}\.tmp")
+
+
+def temp_target(name: str) -> str | None:
+    """The name of the file that a temporary file named `name` (`temp_path_for`) was to
+    become; None for any other name."""
+    match = _TEMP_NAME.fullmatch(name)
+    return match[1] if match else None
 
 
 RENAME_NOREPLACE = 1  # renameat2(2) flags (linux/fs.h)
@@ -124,18 +134,24 @@ def atomic_write(path: Path, data: bytes | str, *, durable: bool = True,
         raise
 
 
-def atomic_write_all(files: Sequence[tuple[Path, bytes | str]], *, durable: bool = True) -> None:
-    """`atomic_write` for several files, renamed into place only once all are written: a
-    reader scanning their folder sees them appear a rename apart, not a write and a flush
-    apart. On failure the files not yet renamed are left as they were."""
+def atomic_write_all(files: Sequence[tuple[Path, bytes | str]], *, durable: bool = True,
+                     checkpoint: Callable[[], None] | None = None) -> None:
+    """`atomic_write` for several files, renamed into place one after another only once all are
+    written: a reader scanning their folder sees them appear a rename apart, not a write and a
+    flush apart. On failure the files not yet renamed are left as they were. `checkpoint` is
+    called once all are written and after each rename (crash points, for tests)."""
     temps: list[tuple[Path, Path]] = []
     renamed = 0
     try:
         for path, data in files:
             temps.append((_written_temp(path, data, durable), path))
         for tmp, path in temps:
+            if checkpoint is not None:
+                checkpoint()
             os.replace(tmp, path)
             renamed += 1
+        if checkpoint is not None:
+            checkpoint()
     except BaseException:
         for tmp, _ in temps[renamed:]:
             with contextlib.suppress(OSError):

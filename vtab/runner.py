@@ -132,22 +132,31 @@ class Looks:
     A waiting parent is looked at whenever one of its children finishes and on every sweep, a
     queued sibling whenever a claim looks for a batch; re-parsing them dominated a protocol's
     queue time. A file's version is its inode, size and modification time; anything acted on is
-    read again under a claim. The oldest entries go past `limit`. Callers must not change the
-    documents returned.
+    read again under a claim. A file that cannot be read raises the same error for as long as
+    it is the same version (a planted file that takes seconds to refuse costs them once). The
+    oldest entries go past `limit`. Callers must not change the documents returned.
     """
 
     def __init__(self, limit: int = 512) -> None:
         self.limit = limit
-        self._docs: dict[Path, tuple[tuple[int, int, int], dict[str, Any]]] = {}
+        self._docs: dict[Path, tuple[tuple[int, int, int], dict[str, Any] | Exception]] = {}
 
     def read(self, path: Path) -> dict[str, Any]:
         found = os.stat(path, follow_symlinks=False)
         version = (found.st_ino, found.st_size, found.st_mtime_ns)
         seen = self._docs.pop(path, None)
-        doc = seen[1] if seen is not None and seen[0] == version else yamlio.load_mapping(path)
+        if seen is not None and seen[0] == version:
+            doc = seen[1]
+        else:
+            try:
+                doc = yamlio.load_mapping(path)
+            except Exception as exc:
+                doc = exc
         self._docs[path] = (version, doc)  # newest last
         while len(self._docs) > self.limit:
             del self._docs[next(iter(self._docs))]
+        if isinstance(doc, Exception):
+            raise doc
         return doc
 
 
@@ -225,8 +234,9 @@ class Runner:
         self._parents: dict[str, tuple[str, Any]] = {}
         self._batch_limit = settings.max_batch  # halved after a pass the device could not run
         self._looks = Looks()  # files looked at without a claim (waiting parents, siblings)
-        self._warmed: set[str] = set()  # job kinds whose code this runner imported, or is
+        self._warmed: set[str] = set()  # job kinds whose code this runner imported while idle
         self._next_warm_look = 0.0
+        self._warm_looks = Looks(limit=64)  # apart: claims in running/ are named per claim
         self.jobs_done = 0
         self.claims = 0
         self.busy_seconds = 0.0  # time spent on claimed jobs
@@ -280,29 +290,34 @@ class Runner:
         return self._exit_code(blocked=False)
 
     def _warm_up(self) -> None:
-        """While idle, import in the background the code of the job kinds that jobs running or
-        waiting elsewhere name. Importing torch takes seconds: a runner that starts it only
-        when a fork's children reach the queue holds the one child it claimed meanwhile, while
-        other runners take its siblings into their passes (rule 9a)."""
+        """While idle, import the code of the job kinds that jobs running or waiting elsewhere
+        name (torch, for the evaluation kinds: seconds). A runner that imports it only once a
+        fork's children reach the queue holds the one child it claimed meanwhile, while other
+        runners take its siblings into their passes (rule 9a). The import is done here, in the
+        runner's own thread, rather than beside the jobs it may run: nothing half-imported is
+        ever seen by a job, and a stop signal is acted on once it is done."""
         cold = {name for name, kind in KINDS.items() if kind.warm is not None} - self._warmed
         if not cold or time.monotonic() < self._next_warm_look:
             return
-        self._next_warm_look = time.monotonic() + WARM_LOOK_INTERVAL
         named: set[str] = set()
-        for folder in (RUNNING, WAITING):
-            for path in self.area.listing(folder):
-                with contextlib.suppress(Exception):  # gone or unreadable: nothing to learn
-                    named |= kinds_named(self._looks.read(path))
-        for name in sorted(cold & named):
-            self._warmed.add(name)
-            threading.Thread(target=self._warm, args=(name,), daemon=True,
-                             name=f"warm-{name}").start()
-
-    def _warm(self, kind: str) -> None:
         try:
-            KINDS.get(kind).warm()
-        except Exception as exc:  # the first job of the kind meets the same error and says it
-            log.debug("warming up job kind %s failed: %s", kind, exc)
+            for path in [*self.area.listing(RUNNING), *self.area.listing(WAITING)]:
+                if cold <= named:
+                    break
+                with contextlib.suppress(Exception):  # gone or unreadable: nothing to learn
+                    named |= kinds_named(self._warm_looks.read(path))
+        except (OSError, StorageError) as exc:  # the next sweep says what is wrong
+            log.debug("looking for job kinds to warm up failed: %s", exc)
+        for name in sorted(cold & named):
+            if self.stop_signal is not None or self.broken is not None:
+                return
+            self._warmed.add(name)
+            try:
+                KINDS.get(name).warm()
+            except Exception as exc:  # a job of the kind meets it again, and ends as it says
+                log.warning("importing the code of job kind %s ahead of its jobs failed: %s: "
+                            "%s", name, type(exc).__name__, exc)
+        self._next_warm_look = time.monotonic() + WARM_LOOK_INTERVAL
 
     def _exit_code(self, blocked: bool) -> int:
         """What happened, the worst first: a stop signal, a runner that cannot run jobs here,

@@ -299,10 +299,11 @@ class WorkArea:
 
         Every id is reserved for `owner` first (`reserve`); an id reserved for someone else is
         an `IdTaken` error, before any job is queued. Only the holder of the parent job creates
-        its children, so the check and the write do not race with each other. The files are
-        written, then renamed into the queue together: a runner that claims the first child
-        finds its siblings there to run in one pass with it (rule 9a), not only those written
-        so far.
+        its children, so the check and the write do not race with each other. All files are
+        written first, then renamed into the queue one after another: a runner that claims the
+        first child finds its siblings there to run in one pass with it (rule 9a), not only
+        those written so far. Temporary files of these jobs that a creator killed before its
+        renames left behind are removed.
         """
         new: dict[str, dict[str, Any]] = {}
         for job_id, content in jobs.items():
@@ -313,10 +314,18 @@ class WorkArea:
                 new[job_id] = content
         if new:
             with _storage("write new jobs into", self.root):
+                self._remove_temporaries({job_id + SUFFIX for job_id in new})
                 yamlio.write_mappings([(self.root / (job_id + SUFFIX), content)
-                                       for job_id, content in new.items()])
-            crash_point()
+                                       for job_id, content in new.items()],
+                                      checkpoint=crash_point)
         return list(new)
+
+    def _remove_temporaries(self, names: set[str]) -> None:
+        with os.scandir(self.root) as entries:
+            stale = [entry.path for entry in entries if fsutil.temp_target(entry.name) in names]
+        for path in stale:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
 
     # -- identities --------------------------------------------------------
 

@@ -12,7 +12,7 @@ import errno
 import os
 import re
 import stat
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -382,9 +382,12 @@ def write_mapping(path: Path, data: dict[str, Any], *, must_exist: bool = False)
     atomic_write(path, _writable(path, data), must_exist=must_exist)
 
 
-def write_mappings(files: Sequence[tuple[Path, dict[str, Any]]]) -> None:
-    """`write_mapping` for several new files, renamed into place together (`atomic_write_all`)."""
-    atomic_write_all([(path, _writable(path, data)) for path, data in files])
+def write_mappings(files: Sequence[tuple[Path, dict[str, Any]]],
+                   checkpoint: Callable[[], None] | None = None) -> None:
+    """`write_mapping` for several new files, renamed into place once all are written
+    (`atomic_write_all`)."""
+    atomic_write_all([(path, _writable(path, data)) for path, data in files],
+                     checkpoint=checkpoint)
 
 
 def _writable(path: Path, data: dict[str, Any]) -> str:

@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import os
 import signal
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -329,9 +330,12 @@ def test_a_look_at_an_unreadable_file_is_paid_once_per_version(
     load = yamlio.load_mapping
     monkeypatch.setattr(yamlio, "load_mapping", lambda p: parses.append(p) or load(p))
     looks = Looks()
+    depths = []
     for _ in range(3):
-        with pytest.raises(yamlio.YamlFileError):
+        with pytest.raises(yamlio.YamlFileError) as raised:
             looks.read(path)
+        depths.append(len(traceback.extract_tb(raised.value.__traceback__)))
     assert parses == [path]
+    assert depths[0] == depths[1] == depths[2]  # a cached error's traceback does not pile up
     path.write_text("id: fixed\n")  # a new version is read again
     assert looks.read(path) == {"id": "fixed"} and parses == [path, path]

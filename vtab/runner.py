@@ -155,8 +155,8 @@ class Looks:
         self._docs[path] = (version, doc)  # newest last
         while len(self._docs) > self.limit:
             del self._docs[next(iter(self._docs))]
-        if isinstance(doc, Exception):
-            raise doc
+        if isinstance(doc, Exception):  # without its earlier raises' frames, which would pile up
+            raise doc.with_traceback(None)
         return doc
 
 

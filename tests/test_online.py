@@ -71,6 +71,39 @@ def test_each_epoch_augments_anew_repeatably_and_the_backbone_stays_frozen(
     assert not torch.allclose(first, unaugmented)
 
 
+def test_the_backbone_is_built_and_traced_once_for_every_epoch(
+        digits_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    layers = [{"name": "layer3", "pool": "avg"}, {"name": "output"}]
+    cfg = parse_config(probe_config(digits_root, **{"features.mode": "online",
+                                                    "features.layers": layers,
+                                                    "features.augment": NO_AUGMENTATION}))
+    spec = resolve_backbone(cfg.backbone)
+    source = online.source_of(spec)
+    built, traced = [], []
+
+    def build(spec: Any) -> Any:
+        built.append(build_backbone(spec))
+        return built[-1]
+
+    def trace(model: torch.nn.Module, nodes: list[str]) -> torch.nn.Module:
+        traced.append(nodes)
+        return type(source).feature_extractor(source, model, nodes)
+
+    monkeypatch.setattr(online, "build_backbone", build)
+    monkeypatch.setattr(source, "feature_extractor", trace)
+    split = open_split(digits_root, "digits", "train800", key="data.train_split")
+    features = online.epoch_features(cfg, spec, split, 32, device="cpu", num_workers=0,
+                                     progress=False)
+    epochs = [features(epoch) for epoch in range(3)]
+    assert len(built) == len(traced) == 1
+    # Without augmentation every epoch is the offline extraction of both layers, exactly.
+    offline = extract_features(built[0].model, cfg.features.layers, source, split,
+                               TransformSpec(32))
+    for found in epochs:
+        for layer, features_of_layer in zip(cfg.features.layers, found, strict=True):
+            assert torch.equal(features_of_layer, offline[layer.label()].float())
+
+
 def test_online_siblings_trained_in_one_pass_equal_each_alone(digits_root: Path,
                                                              tmp_path: Path) -> None:
     configs = [probe_config(digits_root, **{"features.mode": "online", "optim.lr": lr,

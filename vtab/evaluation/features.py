@@ -119,6 +119,14 @@ def forward_setup(device: str, precision: str) -> ForwardSetup:
                         resolve_precision(precision, device) == "bf16")
 
 
+def layer_extractor(model: nn.Module, layers: Sequence[LayerConfig], source: Source,
+                    setup: ForwardSetup) -> LayerExtractor:
+    """`model` moved to the setup's device, with the layers it is read at (traced when any is
+    not its output: build it once for many passes, as the online mode does each epoch)."""
+    model.to(setup.device, memory_format=setup.memory_format)
+    return LayerExtractor(model, layers, source)
+
+
 def extract_features(model: nn.Module, layers: Sequence[LayerConfig], source: Source,
                      split: Split, transform: TransformSpec | AugmentedTransform, *,
                      batch_size: int = 64,
@@ -127,13 +135,19 @@ def extract_features(model: nn.Module, layers: Sequence[LayerConfig], source: So
     """Every layer's features of every image of `split`, in file order, as float32 on the CPU,
     from one forward pass per batch; by layer label."""
     setup = forward_setup(device, precision)
+    return extract_with(layer_extractor(model, layers, source, setup), setup, split, transform,
+                        batch_size=batch_size, num_workers=num_workers, progress=progress)
+
+
+def extract_with(extractor: LayerExtractor, setup: ForwardSetup, split: Split,
+                 transform: TransformSpec | AugmentedTransform, *, batch_size: int,
+                 num_workers: int, progress: bool) -> dict[str, FeatureSet]:
+    """`extract_features` with an extractor built by `layer_extractor` for `setup`."""
     dev = setup.device
-    model = model.to(dev, memory_format=setup.memory_format)
-    extractor = LayerExtractor(model, layers, source)
     seed = transform.seed if isinstance(transform, AugmentedTransform) else None
     loader = DataLoader(ImageSplit(split, transform.build(), seed), batch_size=batch_size,
                         shuffle=False, num_workers=num_workers, pin_memory=dev.type == "cuda")
-    chunks: dict[str, list[torch.Tensor]] = {layer.label(): [] for layer in layers}
+    chunks: dict[str, list[torch.Tensor]] = {site.layer.label(): [] for site in extractor.sites}
     indices = []
     with setup.context():
         for images, _, index in tqdm(loader, desc=f"{split.dataset}/{split.name}",

@@ -19,8 +19,9 @@ from vtab.evaluation.data import Split
 from vtab.evaluation.features import (
     AugmentedTransform,
     TransformSpec,
-    extract_features,
-    resolve_precision,
+    extract_with,
+    forward_setup,
+    layer_extractor,
 )
 from vtab.evaluation.heads.trainer import EpochFeatures
 from vtab.evaluation.schemas import LinearProbeConfig
@@ -41,16 +42,18 @@ def augmented_transform(cfg: LinearProbeConfig, image_size: int,
 def epoch_features(cfg: LinearProbeConfig, spec: BackboneSpec, split: Split, image_size: int,
                    *, device: str, num_workers: int, progress: bool) -> EpochFeatures:
     """A function giving each epoch's features of `split`: one forward of every image per
-    epoch, all layers of `features.layers` at once; the backbone is built on the first call."""
-    backbone = functools.cache(functools.partial(build_backbone, spec))
-    layers = cfg.features.layers
+    epoch, all layers of `features.layers` at once. The backbone is built, and traced at its
+    layers, on the first call only: tracing ViT-B/16 takes about half a second of CPU, five
+    times a GPU's forwards of 800 images at 8,000 images/s."""
+    setup = forward_setup(device, cfg.features.precision)
+    extractor = functools.cache(lambda: layer_extractor(
+        build_backbone(spec).model, cfg.features.layers, source_of(spec), setup))
 
     def features(epoch: int) -> list[torch.Tensor]:
-        found = extract_features(
-            backbone().model, layers, source_of(spec), split,
-            augmented_transform(cfg, image_size, epoch), batch_size=cfg.features.batch_size,
-            num_workers=num_workers, device=device,
-            precision=resolve_precision(cfg.features.precision, device), progress=progress)
-        return [found[layer.label()].float() for layer in layers]
+        found = extract_with(extractor(), setup, split,
+                             augmented_transform(cfg, image_size, epoch),
+                             batch_size=cfg.features.batch_size, num_workers=num_workers,
+                             progress=progress)
+        return [found[layer.label()].float() for layer in cfg.features.layers]
 
     return features

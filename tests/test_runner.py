@@ -18,7 +18,7 @@ from vtab import yamlio
 from vtab.errors import RunnerEnvironmentError
 from vtab.launch.local import worst_exit_code
 from vtab.outcome import RunOutcome
-from vtab.pipeline import KINDS, StageContext, register_kind
+from vtab.pipeline import KINDS, StageContext, kinds_named, register_kind
 from vtab.runner import BLOCKED_EXIT, CRASHED_EXIT, Looks, Runner, RunnerSettings
 from vtab.schema import Section
 from vtab.workarea import CRASHED, FINISHED, RUNNING, SUMMARIZED, WAITING, Claim, WorkArea
@@ -320,6 +320,29 @@ def test_an_idle_runner_imports_ahead_the_kinds_that_jobs_running_or_waiting_nam
     assert warmed == ["sleep", "linear_probe", "sleep"]  # a new runner: both, in name order
     runner._warm_up()
     assert len(warmed) == 3
+
+
+def test_a_runner_that_ran_a_kind_does_not_warm_it_up_and_a_stage_naming_no_kind_names_the_default(
+        area: WorkArea, monkeypatch: pytest.MonkeyPatch) -> None:
+    warmed: list[str] = []
+    for name in ("sleep", "linear_probe"):
+        monkeypatch.setitem(KINDS._entries, name, dataclasses.replace(
+            KINDS.get(name), warm=functools.partial(warmed.append, name)))
+    monkeypatch.setattr(runner_module, "WARM_LOOK_INTERVAL", 0.0)
+    held = area.claim(queue(area, toy_pipeline()))  # names sleep; held elsewhere throughout
+    assert held is not None
+    one_stage = {"name": "one", "current_stage": "train",
+                 "config": {"sleep": {"result": 0.5}, "metric": "top1"},
+                 "stages": {"train": {"hyperparams": {"kind": "sleep"}}}}
+    queue(area, one_stage, "one.yaml")
+    drain(area, idle_limit=0.3)
+    assert warmed == []  # it ran a sleep job first: the code was there to run it
+    assert yamlio.load_mapping(area.folder(FINISHED) / "one.yaml")["result"] == 0.5
+    # A hyperparams stage without a kind runs the default one, and so names it.
+    del one_stage["stages"]["train"]["hyperparams"]["kind"]
+    assert kinds_named(one_stage) == {"linear_probe"}
+    assert kinds_named(toy_pipeline(), "train_val") == {"sleep"}
+    assert kinds_named(toy_pipeline(), "datasets") == set()
 
 
 def test_a_look_at_an_unreadable_file_is_paid_once_per_version(

@@ -344,13 +344,17 @@ def processor_call(stage: str, body: Any) -> tuple[ProcessorKind, Section]:
                                       prefix=f"stages.{stage}.processor")
 
 
-def kinds_named(doc: Mapping[str, Any]) -> set[str]:
-    """The job kinds that a job's hyperparams stages name (registered or not)."""
+def kinds_named(doc: Mapping[str, Any], stage: str | None = None) -> set[str]:
+    """The job kinds that a job's hyperparams stages name (registered or not; the default kind
+    where a stage names none), or only `stage`'s."""
     stages = doc.get("stages")
-    specs = stages.values() if isinstance(stages, Mapping) else []
-    return {spec["hyperparams"]["kind"] for spec in specs
-            if isinstance(spec, Mapping) and isinstance(spec.get("hyperparams"), Mapping)
-            and isinstance(spec["hyperparams"].get("kind"), str)}
+    if not isinstance(stages, Mapping):
+        return set()
+    specs = stages.values() if stage is None else [stages.get(stage)]
+    bodies = [spec["hyperparams"] for spec in specs
+              if isinstance(spec, Mapping) and isinstance(spec.get("hyperparams"), Mapping)]
+    return {name for body in bodies
+            if isinstance(name := body.get("kind", DEFAULT_KIND), str)}
 
 
 def kind_call(doc: Mapping[str, Any], stage: str) -> tuple[JobKind, Section]:

@@ -234,7 +234,7 @@ class Runner:
         self._parents: dict[str, tuple[str, Any]] = {}
         self._batch_limit = settings.max_batch  # halved after a pass the device could not run
         self._looks = Looks()  # files looked at without a claim (waiting parents, siblings)
-        self._warmed: set[str] = set()  # job kinds whose code this runner imported while idle
+        self._warmed: set[str] = set()  # job kinds whose code this runner imported (idle or not)
         self._next_warm_look = 0.0
         self._warm_looks = Looks(limit=64)  # apart: claims in running/ are named per claim
         self.jobs_done = 0
@@ -678,6 +678,7 @@ class Runner:
         while True:
             ran, outcome = done or self._run_stage(doc, ctx)
             done = None
+            self._warmed |= kinds_named(doc, ran.stage)  # its code is imported: no look needed
             if isinstance(outcome, BaseException):
                 raise outcome.with_traceback(ran.traceback or outcome.__traceback__)
             if self.stop_signal is not None and not isinstance(outcome, Finish):
